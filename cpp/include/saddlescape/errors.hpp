@@ -1,0 +1,55 @@
+#pragma once
+/// @file errors.hpp
+/// The two exception types every saddlescape function may throw.
+///
+/// Precondition failures (bad shapes, NaN input, a negative eps) throw
+/// `saddlescape::invalid_argument`; the Python layer sees them as `ValueError`.
+/// Numerical failures on valid input (a singular matrix with eps = 0, an iteration
+/// that did not converge, a result that overflowed) throw `saddlescape::numerical_error`,
+/// which Python sees as `saddlescape.NumericalError`, a subclass of `ArithmeticError`.
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace saddlescape {
+
+/// A caller broke a documented precondition. Derives from std::invalid_argument so that
+/// pybind11 maps it onto ValueError without extra registration.
+class invalid_argument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// A computation on valid input failed numerically.
+class numerical_error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+
+/// Concatenates its arguments with operator<<, so that messages can name the offending
+/// value: `concat("eps must be >= 0, got ", eps)`.
+template <class... Parts>
+std::string concat(Parts&&... parts) {
+  std::ostringstream os;
+  os.precision(6);
+  (os << ... << std::forward<Parts>(parts));
+  return os.str();
+}
+
+}  // namespace detail
+}  // namespace saddlescape
+
+/// Throws saddlescape::invalid_argument with the concatenated message unless `cond` holds.
+#define SADDLESCAPE_EXPECTS(cond, ...)                                             \
+  do {                                                                             \
+    if (!(cond)) throw ::saddlescape::invalid_argument(                           \
+        ::saddlescape::detail::concat(__VA_ARGS__));                               \
+  } while (0)
+
+/// Throws saddlescape::numerical_error with the concatenated message.
+#define SADDLESCAPE_NUMERICAL_FAIL(...) \
+  throw ::saddlescape::numerical_error(::saddlescape::detail::concat(__VA_ARGS__))

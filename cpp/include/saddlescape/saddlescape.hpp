@@ -1,0 +1,6 @@
+#pragma once
+/// @file saddlescape.hpp
+/// Umbrella header: everything a C++ caller of saddlescape::core needs.
+
+#include <saddlescape/errors.hpp>
+#include <saddlescape/matrix_functions.hpp>

@@ -1,0 +1,93 @@
+#pragma once
+// Private declarations of the few Fortran BLAS/LAPACK routines the library calls, with typed
+// C++ overloads on top. We declare them ourselves rather than include the vendor's lapack.h so
+// that any LP64 BLAS works; BLAS_SYMBOL_PREFIX (scipy_ for the scipy-openblas32 wheel, empty
+// for a system OpenBLAS) is pasted onto every name.
+
+#include <climits>
+#include <cstddef>
+
+#ifndef BLAS_SYMBOL_PREFIX
+#define BLAS_SYMBOL_PREFIX
+#endif
+#define SADDLESCAPE_PASTE_(a, b) a##b
+#define SADDLESCAPE_PASTE(a, b) SADDLESCAPE_PASTE_(a, b)
+#define SADDLESCAPE_FORTRAN(name) SADDLESCAPE_PASTE(BLAS_SYMBOL_PREFIX, name##_)
+
+extern "C" {
+// Trailing size_t arguments are the hidden lengths of the character arguments (gfortran ABI).
+void SADDLESCAPE_FORTRAN(dsyevd)(const char* jobz, const char* uplo, const int* n, double* a,
+                                 const int* lda, double* w, double* work, const int* lwork,
+                                 int* iwork, const int* liwork, int* info, std::size_t,
+                                 std::size_t);
+void SADDLESCAPE_FORTRAN(ssyevd)(const char* jobz, const char* uplo, const int* n, float* a,
+                                 const int* lda, float* w, float* work, const int* lwork,
+                                 int* iwork, const int* liwork, int* info, std::size_t,
+                                 std::size_t);
+void SADDLESCAPE_FORTRAN(dsyrk)(const char* uplo, const char* trans, const int* n, const int* k,
+                                const double* alpha, const double* a, const int* lda,
+                                const double* beta, double* c, const int* ldc, std::size_t,
+                                std::size_t);
+void SADDLESCAPE_FORTRAN(ssyrk)(const char* uplo, const char* trans, const int* n, const int* k,
+                                const float* alpha, const float* a, const int* lda,
+                                const float* beta, float* c, const int* ldc, std::size_t,
+                                std::size_t);
+void SADDLESCAPE_FORTRAN(dgemm)(const char* transa, const char* transb, const int* m,
+                                const int* n, const int* k, const double* alpha, const double* a,
+                                const int* lda, const double* b, const int* ldb,
+                                const double* beta, double* c, const int* ldc, std::size_t,
+                                std::size_t);
+void SADDLESCAPE_FORTRAN(sgemm)(const char* transa, const char* transb, const int* m,
+                                const int* n, const int* k, const float* alpha, const float* a,
+                                const int* lda, const float* b, const int* ldb,
+                                const float* beta, float* c, const int* ldc, std::size_t,
+                                std::size_t);
+}
+
+namespace saddlescape::detail::lapack {
+
+/// LAPACK takes 32-bit sizes; every caller checks its dimensions against this first.
+constexpr std::ptrdiff_t max_dim = INT_MAX;
+
+inline int syevd(char jobz, int n, double* a, double* w, double* work, int lwork, int* iwork,
+                 int liwork) {
+  int info = 0;
+  const char uplo = 'L';
+  SADDLESCAPE_FORTRAN(dsyevd)(&jobz, &uplo, &n, a, &n, w, work, &lwork, iwork, &liwork, &info, 1,
+                              1);
+  return info;
+}
+inline int syevd(char jobz, int n, float* a, float* w, float* work, int lwork, int* iwork,
+                 int liwork) {
+  int info = 0;
+  const char uplo = 'L';
+  SADDLESCAPE_FORTRAN(ssyevd)(&jobz, &uplo, &n, a, &n, w, work, &lwork, iwork, &liwork, &info, 1,
+                              1);
+  return info;
+}
+
+/// C (lower triangle) = alpha * A A^T + beta * C, A column-major n x k.
+inline void syrk_lower(int n, int k, double alpha, const double* a, int lda, double beta,
+                       double* c, int ldc) {
+  const char uplo = 'L', trans = 'N';
+  SADDLESCAPE_FORTRAN(dsyrk)(&uplo, &trans, &n, &k, &alpha, a, &lda, &beta, c, &ldc, 1, 1);
+}
+inline void syrk_lower(int n, int k, float alpha, const float* a, int lda, float beta, float* c,
+                       int ldc) {
+  const char uplo = 'L', trans = 'N';
+  SADDLESCAPE_FORTRAN(ssyrk)(&uplo, &trans, &n, &k, &alpha, a, &lda, &beta, c, &ldc, 1, 1);
+}
+
+/// Column-major C (m x n) = alpha * op(A) op(B) + beta * C.
+inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                 const double* b, int ldb, double beta, double* c, int ldc) {
+  SADDLESCAPE_FORTRAN(dgemm)(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc, 1,
+                             1);
+}
+inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc) {
+  SADDLESCAPE_FORTRAN(sgemm)(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc, 1,
+                             1);
+}
+
+}  // namespace saddlescape::detail::lapack

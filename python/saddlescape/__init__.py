@@ -1,0 +1,43 @@
+"""saddlescape: adaptive methods as preconditioned SGD.
+
+An adaptive method (RMSProp, Adam, Adagrad) is preconditioned SGD, x <- x - eta * A g, with
+A = (G + eps I)^(-1/2) built from the gradient second moment G = E[g g^T] (Staib, Reddi, Kale,
+Kumar and Sra, "Escaping Saddle Points with Adaptive Gradient Methods", ICML 2019). The numbers
+are computed by a C++ core (``saddlescape._core``); this package checks arguments and documents
+the semantics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from saddlescape._core import NumericalError
+from saddlescape.matrix_functions import diag_inv_sqrt, inv_root, inv_sqrt, inv_sqrt_apply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NumericalError",
+    "__version__",
+    "cmake_dir",
+    "diag_inv_sqrt",
+    "get_include",
+    "inv_root",
+    "inv_sqrt",
+    "inv_sqrt_apply",
+]
+
+NumericalError.__doc__ = (
+    "A computation on valid input failed numerically: a singular matrix with eps = 0, an "
+    "iteration that did not converge, or a result that overflowed. Subclass of ArithmeticError."
+)
+
+
+def cmake_dir() -> str:
+    """The folder of saddlescapeConfig.cmake, for ``-Dsaddlescape_DIR=...`` in C++ projects."""
+    return str(Path(__file__).parent / "lib" / "cmake" / "saddlescape")
+
+
+def get_include() -> str:
+    """The folder holding the C++ headers (``#include <saddlescape/saddlescape.hpp>``)."""
+    return str(Path(__file__).parent / "include")
