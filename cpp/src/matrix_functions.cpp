@@ -162,13 +162,17 @@ double default_newton_tolerance(index_t d) {
 // eigen_root
 
 template <class T>
-eigen_root<T>::eigen_root(index_t dim) : dim_(dim) {
-  check_dim(dim, "G");
+eigen_root<T>::eigen_root(index_t dim, eigen_backend backend)
+    : dim_((check_dim(dim, "G"), dim)),
+      use_eigen_(backend == eigen_backend::eigen ||
+                 (backend == eigen_backend::automatic && dim <= small_matrix_limit)),
+      small_(use_eigen_ ? dim : 0) {
   const auto n = static_cast<std::size_t>(dim);
   vectors_.resize(n * n);
   scaled_.resize(n * n);
   lambda_.resize(dim);
   weights_.resize(dim);
+  if (use_eigen_) return;
   // Workspace query: LAPACK reports the optimal sizes for jobz = 'V'.
   T work_size = 0;
   int iwork_size = 0;
@@ -184,15 +188,28 @@ void eigen_root<T>::factor(const T* G, std::string_view what) {
   factored_ = false;
   const index_t d = dim_;
   symmetrize_checked(G, d, what, vectors_.data());
-  const int info = detail::lapack::syevd('V', static_cast<int>(d), vectors_.data(),
-                                         lambda_.data(), work_.data(),
-                                         static_cast<int>(work_.size()), iwork_.data(),
-                                         static_cast<int>(iwork_.size()));
-  if (info < 0) SADDLESCAPE_NUMERICAL_FAIL("LAPACK syevd rejected argument ", -info);
-  if (info > 0)
-    SADDLESCAPE_NUMERICAL_FAIL("the eigensolver (LAPACK syevd) did not converge for ", what,
-                               " (info = ", info, ")");
-  // LAPACK returns eigenvalues in ascending order.
+  if (use_eigen_) {
+    small_.compute(Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>>(
+        vectors_.data(), d, d));
+    if (small_.info() != Eigen::Success)
+      SADDLESCAPE_NUMERICAL_FAIL("the eigensolver (Eigen) did not converge for ", what);
+    lambda_ = small_.eigenvalues();
+    std::copy(small_.eigenvectors().data(), small_.eigenvectors().data() + d * d,
+              vectors_.data());
+  } else {
+    const int info = detail::lapack::syevd('V', static_cast<int>(d), vectors_.data(),
+                                           lambda_.data(), work_.data(),
+                                           static_cast<int>(work_.size()), iwork_.data(),
+                                           static_cast<int>(iwork_.size()));
+    if (info < 0) SADDLESCAPE_NUMERICAL_FAIL("LAPACK syevd rejected argument ", -info);
+    if (info > 0)
+      SADDLESCAPE_NUMERICAL_FAIL("the eigensolver (LAPACK syevd) did not converge for ", what,
+                                 " (info = ", info, ")");
+  }
+  // Both solvers return eigenvalues in ascending order. Those within rounding of zero, of
+  // either sign, are set to exactly zero: a rank-deficient G (fewer samples than d) computes
+  // null-space eigenvalues of +-1e-16 * lambda_max, and f would amplify that noise (the adam
+  // form's sqrt turns 1e-16 into 1e-8, as large as a typical eps).
   const double lo = lambda_[0], hi = lambda_[d - 1];
   lambda_max_abs_ = std::max(std::abs(lo), std::abs(hi));
   const double tol = clip_tolerance<T>(d) * lambda_max_abs_;
@@ -200,7 +217,7 @@ void eigen_root<T>::factor(const T* G, std::string_view what) {
     throw invalid_argument(concat(what, " is not positive semidefinite: it has the eigenvalue ", lo,
                                   ", below the rounding tolerance -", tol,
                                   " (d * machine epsilon * max|eigenvalue|)"));
-  for (index_t i = 0; i < d && lambda_[i] < 0; ++i) lambda_[i] = 0;
+  for (index_t i = 0; i < d && lambda_[i] <= tol; ++i) lambda_[i] = 0;
   what_ = std::string(what);
   factored_ = true;
 }
@@ -210,12 +227,10 @@ void eigen_root<T>::compute_weights(const root_spec& spec) {
   spec.validate();
   SADDLESCAPE_EXPECTS(factored_, "eigen_root: factor(G) must succeed before use");
   const index_t d = dim_;
-  if (spec.eps == 0.0) {
-    const double tol = clip_tolerance<T>(d) * lambda_max_abs_;
-    if (!(lambda_[0] > tol))
-      SADDLESCAPE_NUMERICAL_FAIL(what_, " is singular: its smallest eigenvalue ", lambda_[0],
-                                 " is within rounding (", tol, ") of zero and eps = 0; pass eps > 0");
-  }
+  if (spec.eps == 0.0 && !(lambda_[0] > 0))
+    SADDLESCAPE_NUMERICAL_FAIL(what_, " is singular: its smallest eigenvalue is within rounding (",
+                               clip_tolerance<T>(d) * lambda_max_abs_,
+                               ") of zero and eps = 0; pass eps > 0");
   for (index_t i = 0; i < d; ++i) {
     const double f = spectral_value(static_cast<double>(lambda_[i]), spec);
     weights_[i] = static_cast<T>(f);
@@ -308,6 +323,20 @@ void newton_root<T>::compute(const T* G, const root_spec& spec, const newton_opt
   }
   const double c = std::min(std::sqrt(fro), inf);
   const double tol = opts.tol > 0 ? opts.tol : default_newton_tolerance<T>(d);
+
+  // The iteration itself would happily invert G + eps I for an indefinite G whenever eps hides
+  // the negative eigenvalue. A Cholesky of G + delta I, delta the rounding tolerance of
+  // eigen_root, costs a sixth of one iteration and rejects what method 'eigh' rejects.
+  {
+    T* L = w_.data();
+    std::copy(M, M + nn, L);
+    const double delta = clip_tolerance<T>(d) * c;
+    for (index_t i = 0; i < d; ++i) L[i * d + i] += static_cast<T>(delta - spec.eps);
+    if (detail::lapack::potrf_lower(n, L) != 0) {
+      eigen_root<T> eig(d);
+      eig.factor(G, what);  // throws invalid_argument naming the negative eigenvalue
+    }
+  }
 
   auto fail = [&](const char* how) {
     // Diagnose on the failure path only: an eigendecomposition tells a negative eigenvalue

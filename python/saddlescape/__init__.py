@@ -11,20 +11,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saddlescape import schedules
 from saddlescape._core import NumericalError
+from saddlescape.estimators import CovarianceEstimator, EMAEstimator, burn_in
 from saddlescape.matrix_functions import diag_inv_sqrt, inv_root, inv_sqrt, inv_sqrt_apply
+from saddlescape.schedules import beta_from_lr
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CovarianceEstimator",
+    "EMAEstimator",
     "NumericalError",
     "__version__",
+    "beta_from_lr",
+    "burn_in",
     "cmake_dir",
     "diag_inv_sqrt",
     "get_include",
     "inv_root",
     "inv_sqrt",
     "inv_sqrt_apply",
+    "schedules",
 ]
 
 NumericalError.__doc__ = (

@@ -17,36 +17,19 @@ released. Shared semantics:
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from saddlescape import _core
+from saddlescape._validation import integer as _int
+from saddlescape._validation import real as _float
 
 Form = Literal["inv_sqrt", "adam"]
 Method = Literal["eigh", "newton"]
 
 __all__ = ["diag_inv_sqrt", "inv_root", "inv_sqrt", "inv_sqrt_apply"]
-
-
-def _float(name: str, value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-
-
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _newton_args(tol: float | None, max_iter: int) -> tuple[float, int]:

@@ -2,39 +2,12 @@
 // C-contiguous numpy buffers to the C++ library without copying them, and releases the GIL
 // around every computation. Arrays are only created or touched while the GIL is held.
 
-#include <saddlescape/saddlescape.hpp>
-
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include "common.hpp"
 
 #include <string>
 #include <vector>
 
-namespace py = pybind11;
-using namespace saddlescape;
-
 namespace {
-
-std::string shape_string(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(a.shape(i));
-  }
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-std::string dtype_string(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
-bool is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
-bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
-
-void expect_float(const py::array& a, const char* name) {
-  if (!is_float32(a) && !is_float64(a))
-    throw invalid_argument(std::string(name) + " must have dtype float32 or float64, got " +
-                           dtype_string(a));
-}
 
 // (n, d) of a (d, d) or (n, d, d) stack of square matrices.
 std::pair<index_t, index_t> square_stack(const py::array& G) {
@@ -44,9 +17,6 @@ std::pair<index_t, index_t> square_stack(const py::array& G) {
   SADDLESCAPE_EXPECTS(G.shape(G.ndim() - 2) == d, "G must be square, got shape ", shape_string(G));
   return {G.ndim() == 3 ? G.shape(0) : 1, d};
 }
-
-template <class T>
-using c_array = py::array_t<T, py::array::c_style>;
 
 template <class T>
 py::array inv_root_typed(const py::array& G_in, const root_spec& spec, root_method method,
@@ -134,6 +104,8 @@ py::array diag_inv_root_py(const py::array& v, int p, double eps, const std::str
 
 }  // namespace
 
+void bind_estimators(py::module_& m);
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "saddlescape's compiled core; use the functions re-exported by `saddlescape`.";
   py::register_exception<numerical_error>(m, "NumericalError", PyExc_ArithmeticError);
@@ -148,4 +120,5 @@ PYBIND11_MODULE(_core, m) {
         py::arg("form"), "Elementwise f(v); see saddlescape.diag_inv_sqrt.");
   m.attr("symmetry_tolerance_float64") = symmetry_tolerance<double>();
   m.attr("symmetry_tolerance_float32") = symmetry_tolerance<float>();
+  bind_estimators(m);
 }

@@ -19,6 +19,7 @@
 #include <saddlescape/errors.hpp>
 
 #include <Eigen/Core>
+#include <Eigen/Eigenvalues>
 
 #include <cstddef>
 #include <string_view>
@@ -92,6 +93,17 @@ double clip_tolerance(index_t d) {
 template <class T>
 double default_newton_tolerance(index_t d);
 
+/// Which eigensolver eigen_root uses.
+enum class eigen_backend {
+  automatic,  ///< Eigen for d <= small_matrix_limit (no call overhead), LAPACK above.
+  lapack,     ///< LAPACK syevd (divide and conquer, multithreaded BLAS-3 back-transformation).
+  eigen,      ///< Eigen's SelfAdjointEigenSolver (tridiagonal QR), single-threaded.
+};
+
+/// Largest d for which eigen_backend::automatic picks Eigen's solver; measured by
+/// bench/cpp/bench_inv_sqrt (see bench/RESULTS.md).
+constexpr index_t small_matrix_limit = 48;
+
 /// Eigendecomposition-based inverse roots with a workspace sized once for dimension d.
 ///
 /// factor(G) computes G = V diag(lambda) V^T (LAPACK syevd on the averaged triangles) and
@@ -106,7 +118,7 @@ template <class T>
 class eigen_root {
  public:
   /// @param[in] dim d >= 1. @throws invalid_argument otherwise.
-  explicit eigen_root(index_t dim);
+  explicit eigen_root(index_t dim, eigen_backend backend = eigen_backend::automatic);
 
   index_t dim() const noexcept { return dim_; }
 
@@ -137,7 +149,9 @@ class eigen_root {
   void compute_weights(const root_spec& spec);
 
   index_t dim_;
+  bool use_eigen_;
   bool factored_ = false;
+  Eigen::SelfAdjointEigenSolver<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> small_;
   std::vector<T> vectors_;   // column-major eigenvectors
   column_vector<T> lambda_;  // eigenvalues
   column_vector<T> weights_;

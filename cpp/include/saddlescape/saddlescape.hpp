@@ -4,3 +4,5 @@
 
 #include <saddlescape/errors.hpp>
 #include <saddlescape/matrix_functions.hpp>
+#include <saddlescape/schedules.hpp>
+#include <saddlescape/estimators.hpp>

@@ -1,0 +1,341 @@
+#include <saddlescape/estimators.hpp>
+
+#include "lapack.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <utility>
+
+namespace saddlescape {
+
+using detail::concat;
+
+structure parse_structure(std::string_view name) {
+  if (name == "full") return structure::full;
+  if (name == "diag") return structure::diag;
+  if (name == "block") return structure::block;
+  throw invalid_argument(concat("structure must be 'full', 'diag' or 'block', got '", name, "'"));
+}
+
+std::string_view to_string(structure s) {
+  switch (s) {
+    case structure::diag: return "diag";
+    case structure::block: return "block";
+    default: return "full";
+  }
+}
+
+namespace {
+
+template <class T>
+void report_non_finite(const T* g, index_t n, index_t rows, std::string_view name) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t i = 0; i < n; ++i)
+      if (!std::isfinite(g[r * n + i])) {
+        if (rows == 1 && name != "gs")
+          throw invalid_argument(
+              concat(name, " has a non-finite entry ", name, "[", i, "] = ", g[i]));
+        throw invalid_argument(concat(name, " has a non-finite entry ", name, "[", r, ", ", i,
+                                      "] = ", g[r * n + i]));
+      }
+}
+
+template <class T>
+bool all_finite(const T* g, index_t n) {
+  bool ok = true;
+  for (index_t i = 0; i < n; ++i) ok &= static_cast<bool>(std::isfinite(g[i]));
+  return ok;
+}
+
+template <class T>
+void check_finite_named(const T* g, index_t n, index_t rows, std::string_view name) {
+  if (!all_finite(g, n * rows)) report_non_finite(g, n, rows, name);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+
+template <class T>
+ema_estimator<T>::ema_estimator(index_t dim, schedule_ptr beta, structure s,
+                                std::vector<index_t> block_sizes, bool bias_correction,
+                                std::int64_t refresh_every)
+    : dim_(dim),
+      beta_(std::move(beta)),
+      structure_(s),
+      bias_correction_(bias_correction),
+      refresh_every_(refresh_every) {
+  SADDLESCAPE_EXPECTS(dim >= 1, "dim must be >= 1, got ", dim);
+  SADDLESCAPE_EXPECTS(dim <= detail::lapack::max_dim, "dim is too large for 32-bit BLAS: ", dim);
+  SADDLESCAPE_EXPECTS(beta_ != nullptr, "beta must be a number in [0, 1) or a schedule");
+  SADDLESCAPE_EXPECTS(refresh_every >= 1, "refresh_every must be >= 1, got ", refresh_every);
+  if (s == structure::block) {
+    SADDLESCAPE_EXPECTS(!block_sizes.empty(), "structure 'block' needs block_sizes");
+    index_t total = 0;
+    for (std::size_t i = 0; i < block_sizes.size(); ++i) {
+      SADDLESCAPE_EXPECTS(block_sizes[i] >= 1, "block sizes must be >= 1, got block_sizes[", i,
+                          "] = ", block_sizes[i]);
+      total += block_sizes[i];
+    }
+    SADDLESCAPE_EXPECTS(total == dim, "block_sizes must sum to dim = ", dim, ", they sum to ",
+                        total);
+    blocks_ = std::move(block_sizes);
+  } else {
+    SADDLESCAPE_EXPECTS(block_sizes.empty(), "block_sizes is only for structure 'block', got ",
+                        block_sizes.size(), " sizes with structure '", to_string(s), "'");
+    if (s == structure::full) blocks_ = {dim};
+  }
+  // A beta that is a constant can be checked now rather than at the first update.
+  if (auto c = std::dynamic_pointer_cast<const constant_schedule>(beta_))
+    SADDLESCAPE_EXPECTS(c->value() >= 0 && c->value() < 1, "beta must be in [0, 1), got ",
+                        c->value());
+  index_t row = 0, at = 0;
+  for (const index_t b : blocks_) {
+    offsets_.push_back(row);
+    storage_.push_back(at);
+    row += b;
+    at += b * b;
+  }
+  data_.assign(static_cast<std::size_t>(estimate_size()), T(0));
+  if (s == structure::diag) spare_.assign(data_.size(), T(0));
+}
+
+template <class T>
+index_t ema_estimator<T>::estimate_size() const noexcept {
+  if (structure_ == structure::diag) return dim_;
+  index_t n = 0;
+  for (const index_t b : blocks_) n += b * b;
+  return n;
+}
+
+template <class T>
+double ema_estimator<T>::next_beta(std::int64_t t) const {
+  const double b = (*beta_)(t);
+  if (!(b >= 0.0 && b < 1.0))
+    throw invalid_argument(concat("beta must be in [0, 1), got beta_", t, " = ", b, " from ",
+                                  beta_->describe()));
+  return b;
+}
+
+template <class T>
+void ema_estimator<T>::rescale_if_small(double new_scale) {
+  // sqrt(epsilon) keeps S within a factor ~1e8 (double) or ~3e3 (float) of G, far from overflow,
+  // while renormalising only every log(sqrt(eps)) / log(beta) steps.
+  const double threshold = std::sqrt(static_cast<double>(std::numeric_limits<T>::epsilon()));
+  if (new_scale >= threshold) {
+    scale_ = new_scale;
+    return;
+  }
+  const T s = static_cast<T>(new_scale);
+  const T tiny = std::numeric_limits<T>::min();
+  for (T& x : data_) {
+    x *= s;
+    if (std::abs(x) < tiny) x = T(0);  // never keep subnormals: they are 50x slower
+  }
+  scale_ = 1.0;
+}
+
+template <class T>
+double ema_estimator<T>::correction() const noexcept {
+  if (!bias_correction_ || steps_ == 0) return 1.0;
+  return 1.0 / (1.0 - beta_product_);
+}
+
+template <class T>
+void ema_estimator<T>::update(const T* g) {
+  const double b = next_beta(steps_);
+  const index_t d = dim_;
+  if (structure_ == structure::diag) {
+    // One fused pass into the spare buffer; swap only if every entry of g was finite.
+    const T bb = static_cast<T>(b), a = static_cast<T>(1.0 - b);
+    const T* v = data_.data();
+    T* out = spare_.data();
+    bool ok = true;
+    for (index_t i = 0; i < d; ++i) {
+      const T gi = g[i];
+      ok &= static_cast<bool>(std::isfinite(gi));
+      out[i] = bb * v[i] + a * (gi * gi);
+    }
+    if (!ok) report_non_finite(g, d, 1, "g");
+    std::swap(data_, spare_);
+  } else {
+    check_finite_named(g, d, 1, "g");
+    rescale_if_small(b * scale_);
+    const T alpha = static_cast<T>((1.0 - b) / scale_);
+    for (std::size_t k = 0; k < blocks_.size(); ++k)
+      detail::lapack::syr_lower(static_cast<int>(blocks_[k]), alpha, g + offsets_[k],
+                                data_.data() + storage_[k]);
+  }
+  beta_product_ *= b;
+  ++steps_;
+}
+
+template <class T>
+void ema_estimator<T>::update_batch(const T* gs, index_t k) {
+  SADDLESCAPE_EXPECTS(k >= 0, "the batch must have >= 0 rows, got ", k);
+  SADDLESCAPE_EXPECTS(k <= detail::lapack::max_dim, "the batch is too large: ", k);
+  if (k == 0) return;
+  const index_t d = dim_;
+  check_finite_named(gs, d, k, "gs");
+  std::vector<double> betas(static_cast<std::size_t>(k));
+  for (index_t i = 0; i < k; ++i) betas[i] = next_beta(steps_ + i);
+
+  if (structure_ == structure::diag) {
+    T* v = data_.data();
+    for (index_t r = 0; r < k; ++r) {
+      const T bb = static_cast<T>(betas[r]), a = static_cast<T>(1.0 - betas[r]);
+      const T* g = gs + r * d;
+      for (index_t i = 0; i < d; ++i) v[i] = bb * v[i] + a * (g[i] * g[i]);
+      beta_product_ *= betas[r];
+    }
+    steps_ += k;
+    return;
+  }
+
+  // w_i = (1 - beta_i) prod_(j > i) beta_j, by suffix products.
+  std::vector<double> w(static_cast<std::size_t>(k));
+  double suffix = 1.0;
+  for (index_t i = k - 1; i >= 0; --i) {
+    w[i] = (1.0 - betas[i]) * suffix;
+    suffix *= betas[i];
+  }
+  rescale_if_small(suffix * scale_);
+  rows_.resize(static_cast<std::size_t>(k * d));
+  for (index_t i = 0; i < k; ++i) {
+    const T r = static_cast<T>(std::sqrt(w[i] / scale_));
+    const T* g = gs + i * d;
+    T* y = rows_.data() + i * d;
+    for (index_t j = 0; j < d; ++j) y[j] = r * g[j];
+  }
+  // Row-major (k, d) rows are a column-major d x k matrix Y^T with leading dimension d; a block
+  // is its row range, so S_b += Y_b^T Y_b is one syrk per block.
+  for (std::size_t b = 0; b < blocks_.size(); ++b)
+    detail::lapack::syrk_lower(static_cast<int>(blocks_[b]), static_cast<int>(k), T(1),
+                               rows_.data() + offsets_[b], static_cast<int>(d), T(1),
+                               data_.data() + storage_[b], static_cast<int>(blocks_[b]));
+  beta_product_ *= suffix;
+  steps_ += k;
+}
+
+template <class T>
+void ema_estimator<T>::estimate(T* out) const {
+  const T c = static_cast<T>(scale_ * correction());
+  if (structure_ == structure::diag) {
+    for (index_t i = 0; i < dim_; ++i) out[i] = c * data_[i];
+    return;
+  }
+  for (std::size_t b = 0; b < blocks_.size(); ++b) {
+    const index_t n = blocks_[b];
+    const T* s = data_.data() + storage_[b];
+    T* o = out + storage_[b];
+    for (index_t j = 0; j < n; ++j)
+      for (index_t i = j; i < n; ++i) {
+        const T v = c * s[i + j * n];  // column-major lower triangle
+        o[i * n + j] = v;
+        o[j * n + i] = v;
+      }
+  }
+}
+
+template <class T>
+void ema_estimator<T>::refresh_factors() {
+  if (cache_.factored_at >= 0 && steps_ - cache_.factored_at < refresh_every_) return;
+  cache_.factored_at = -1;
+  if (cache_.roots.empty())
+    for (const index_t b : blocks_) cache_.roots.push_back(std::make_unique<eigen_root<T>>(b));
+  const index_t largest = *std::max_element(blocks_.begin(), blocks_.end());
+  dense_.resize(static_cast<std::size_t>(largest * largest));
+  const T c = static_cast<T>(scale_ * correction());
+  for (std::size_t b = 0; b < blocks_.size(); ++b) {
+    const index_t n = blocks_[b];
+    const T* s = data_.data() + storage_[b];
+    for (index_t j = 0; j < n; ++j)
+      for (index_t i = j; i < n; ++i) dense_[i * n + j] = dense_[j * n + i] = c * s[i + j * n];
+    cache_.roots[b]->factor(dense_.data(), blocks_.size() == 1
+                                         ? std::string("the estimate")
+                                         : concat("block ", b, " of the estimate"));
+  }
+  cache_.factored_at = steps_;
+}
+
+template <class T>
+void ema_estimator<T>::preconditioner(const root_spec& spec, T* out) {
+  spec.validate();
+  if (structure_ == structure::diag) {
+    diag_.resize(static_cast<std::size_t>(dim_));
+    estimate(diag_.data());
+    diag_inv_root(diag_.data(), dim_, spec, out);
+    return;
+  }
+  refresh_factors();
+  for (std::size_t b = 0; b < blocks_.size(); ++b) cache_.roots[b]->matrix(spec, out + storage_[b]);
+}
+
+template <class T>
+void ema_estimator<T>::apply(const root_spec& spec, const T* v, T* out) {
+  spec.validate();
+  check_finite_named(v, dim_, 1, "v");
+  if (structure_ == structure::diag) {
+    diag_.resize(static_cast<std::size_t>(dim_));
+    estimate(diag_.data());
+    diag_inv_root(diag_.data(), dim_, spec, diag_.data());
+    for (index_t i = 0; i < dim_; ++i) out[i] = diag_[i] * v[i];
+    return;
+  }
+  refresh_factors();
+  for (std::size_t b = 0; b < blocks_.size(); ++b)
+    cache_.roots[b]->apply(spec, v + offsets_[b], 1, out + offsets_[b]);
+}
+
+template <class T>
+typename ema_estimator<T>::state ema_estimator<T>::save() const {
+  return state{steps_, scale_, beta_product_, data_};
+}
+
+template <class T>
+void ema_estimator<T>::load(const state& st) {
+  SADDLESCAPE_EXPECTS(st.steps >= 0, "state steps must be >= 0, got ", st.steps);
+  SADDLESCAPE_EXPECTS(std::isfinite(st.scale) && st.scale > 0 && st.scale <= 1,
+                      "state scale must be in (0, 1], got ", st.scale);
+  SADDLESCAPE_EXPECTS(st.beta_product >= 0 && st.beta_product <= 1,
+                      "state beta_product must be in [0, 1], got ", st.beta_product);
+  SADDLESCAPE_EXPECTS(static_cast<index_t>(st.data.size()) == estimate_size(),
+                      "state data must have ", estimate_size(), " values for this estimator, got ",
+                      st.data.size());
+  check_finite_named(st.data.data(), static_cast<index_t>(st.data.size()), 1, "state data");
+  steps_ = st.steps;
+  scale_ = st.scale;
+  beta_product_ = st.beta_product;
+  data_ = st.data;
+  cache_.factored_at = -1;
+}
+
+// ------------------------------------------------------------------------------------------
+
+template <class T>
+covariance_estimator<T>::covariance_estimator(index_t dim, schedule_ptr beta, structure s,
+                                              std::vector<index_t> block_sizes,
+                                              bool bias_correction, std::int64_t refresh_every)
+    : ema_(dim, std::move(beta), s, std::move(block_sizes), bias_correction, refresh_every),
+      diff_(static_cast<std::size_t>(dim)) {}
+
+template <class T>
+void covariance_estimator<T>::update_pair(const T* g1, const T* g2) {
+  const index_t d = ema_.dim();
+  check_finite_named(g1, d, 1, "g1");
+  check_finite_named(g2, d, 1, "g2");
+  // (g1 - g2)(g1 - g2)^T / 2 is the outer product of (g1 - g2) / sqrt(2).
+  const T r = static_cast<T>(std::sqrt(0.5));
+  for (index_t i = 0; i < d; ++i) diff_[i] = r * (g1[i] - g2[i]);
+  ema_.update(diff_.data());  // a difference of finite values can still overflow: re-checked
+}
+
+template class ema_estimator<float>;
+template class ema_estimator<double>;
+template class covariance_estimator<float>;
+template class covariance_estimator<double>;
+
+}  // namespace saddlescape

@@ -1,0 +1,54 @@
+"""Argument conversion shared by the public modules: clear ValueErrors naming the value."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+
+def real(name: str, value: Any) -> float:
+    """value as a Python float; bools, strings and other non-numbers are a ValueError."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+
+
+def integer(name: str, value: Any) -> int:
+    """value as a Python int; floats (even 2.0) and bools are a ValueError."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def float_dtype(dtype: Any) -> np.dtype:
+    """float32 or float64 as a numpy dtype; anything else is a ValueError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def real_array(name: str, value: Any, dtype: np.dtype, shape: tuple[int | None, ...]) -> np.ndarray:
+    """A C-contiguous array of dtype and shape (None: any length) from real-valued input.
+
+    Integer and float input is converted; bool, complex and object input is a ValueError, as is
+    a shape mismatch, named in the message. Arrays already right are passed without a copy.
+    """
+    a = np.asarray(value)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a real-valued array, got dtype {a.dtype}")
+    if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
+        want = "(" + ", ".join("k" if s is None else str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+        raise ValueError(f"{name} must have shape {want}, got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=dtype)

@@ -1,0 +1,37 @@
+#pragma once
+// Helpers shared by the binding translation units of saddlescape._core.
+
+#include <saddlescape/saddlescape.hpp>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+namespace py = pybind11;
+using namespace saddlescape;
+
+template <class T>
+using c_array = py::array_t<T, py::array::c_style>;
+
+inline std::string shape_string(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+inline std::string dtype_string(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+inline bool is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+inline bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+
+inline void expect_float(const py::array& a, const char* name) {
+  if (!is_float32(a) && !is_float64(a))
+    throw invalid_argument(std::string(name) + " must have dtype float32 or float64, got " +
+                           dtype_string(a));
+}
+
