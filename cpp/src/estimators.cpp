@@ -43,6 +43,15 @@ void report_non_finite(const T* g, index_t n, index_t rows, std::string_view nam
       }
 }
 
+// The diagonal update produced a non-finite value: a NaN/Inf in the gradients (invalid input),
+// or else an overflow (numerical).
+template <class T>
+[[noreturn]] void report_diag_failure(const T* g, index_t n, index_t rows) {
+  report_non_finite(g, n, rows, rows == 1 ? "g" : "gs");
+  SADDLESCAPE_NUMERICAL_FAIL("the diagonal estimate would overflow ", detail::type_name<T>(),
+                             "; the estimate is unchanged");
+}
+
 template <class T>
 bool all_finite(const T* g, index_t n) {
   bool ok = true;
@@ -53,6 +62,69 @@ bool all_finite(const T* g, index_t n) {
 template <class T>
 void check_finite_named(const T* g, index_t n, index_t rows, std::string_view name) {
   if (!all_finite(g, n * rows)) report_non_finite(g, n, rows, name);
+}
+
+// The two streaming kernels are compiled for AVX2 as well as the x86-64 baseline, picked at load
+// time (GCC/Clang function multiversioning), since the wheel cannot assume AVX2.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SADDLESCAPE_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define SADDLESCAPE_MULTIVERSION
+#endif
+
+// A (lower triangle, column-major n x n) += alpha x x^T. Our own loop rather than BLAS syr:
+// OpenBLAS's syr is a column-by-column axpy with per-call overhead and threads that stall when
+// the machine is busy (a 1000x slowdown seen on a loaded 2-core machine); this loop is
+// memory-bound and predictable.
+template <class T>
+SADDLESCAPE_MULTIVERSION void syr_lower(index_t n, T alpha, const T* __restrict x,
+                                        T* __restrict a) {
+  for (index_t j = 0; j < n; ++j) {
+    const T axj = alpha * x[j];
+    T* __restrict col = a + j * n;
+    for (index_t i = j; i < n; ++i) col[i] += axj * x[i];
+  }
+}
+
+// out = b v + a g^2, and whether every out_i is finite (false for a NaN/Inf g_i or an overflow):
+// one pass, three streams.
+template <class T>
+SADDLESCAPE_MULTIVERSION bool diag_update(index_t n, T b, T a, const T* __restrict v,
+                                          const T* __restrict g, T* __restrict out) {
+  bool ok = true;
+  for (index_t i = 0; i < n; ++i) {
+    const T o = b * v[i] + a * (g[i] * g[i]);
+    ok &= (o - o == T(0));  // false for NaN and +-Inf, and vectorisable
+    out[i] = o;
+  }
+  return ok;
+}
+
+// out = b out + a g^2 in place; the same finiteness flag.
+template <class T>
+SADDLESCAPE_MULTIVERSION bool diag_accumulate(index_t n, T b, T a, const T* __restrict g,
+                                              T* __restrict out) {
+  bool ok = true;
+  for (index_t i = 0; i < n; ++i) {
+    const T o = b * out[i] + a * (g[i] * g[i]);
+    ok &= (o - o == T(0));
+    out[i] = o;
+  }
+  return ok;
+}
+
+// max_i |g_i| in double, and whether all g_i are finite.
+template <class T>
+double max_abs(const T* g, index_t n, bool& finite) {
+  double m = 0.0;
+  bool ok = true;
+  for (index_t i = 0; i < n; ++i) {
+    const double x = std::abs(static_cast<double>(g[i]));
+    ok &= (x - x == 0.0);
+    m = x > m ? x : m;
+  }
+  finite = ok;
+  return m;
 }
 
 }  // namespace
@@ -121,12 +193,21 @@ double ema_estimator<T>::next_beta(std::int64_t t) const {
 }
 
 template <class T>
-void ema_estimator<T>::rescale_if_small(double new_scale) {
-  // sqrt(epsilon) keeps S within a factor ~1e8 (double) or ~3e3 (float) of G, far from overflow,
-  // while renormalising only every log(sqrt(eps)) / log(beta) steps.
+void ema_estimator<T>::prepare_scale(double new_scale, double increment) {
+  // new_scale: the scale after the decay; increment: an upper bound, in units of G, on what the
+  // step adds to any entry. bound_ bounds max|S|. Renormalising when the scale drops below
+  // sqrt(epsilon) keeps S within a factor ~1e8 (double) or ~3e3 (float) of G and costs one pass
+  // every log(sqrt(eps)) / log(beta) steps; renormalising early keeps S from overflowing when
+  // G is within that factor of the largest representable value.
+  const double limit = static_cast<double>(std::numeric_limits<T>::max()) / 4;
+  if (!(bound_ * new_scale + increment <= limit))
+    SADDLESCAPE_NUMERICAL_FAIL("the estimate would overflow ", detail::type_name<T>(),
+                               ": this update adds up to ", increment, " to entries of size up to ",
+                               bound_ * new_scale, "; the estimate is unchanged");
   const double threshold = std::sqrt(static_cast<double>(std::numeric_limits<T>::epsilon()));
-  if (new_scale >= threshold) {
+  if (new_scale >= threshold && bound_ + increment / new_scale <= limit) {
     scale_ = new_scale;
+    bound_ += increment / new_scale;
     return;
   }
   const T s = static_cast<T>(new_scale);
@@ -136,6 +217,7 @@ void ema_estimator<T>::rescale_if_small(double new_scale) {
     if (std::abs(x) < tiny) x = T(0);  // never keep subnormals: they are 50x slower
   }
   scale_ = 1.0;
+  bound_ = bound_ * new_scale + increment;
 }
 
 template <class T>
@@ -149,25 +231,20 @@ void ema_estimator<T>::update(const T* g) {
   const double b = next_beta(steps_);
   const index_t d = dim_;
   if (structure_ == structure::diag) {
-    // One fused pass into the spare buffer; swap only if every entry of g was finite.
-    const T bb = static_cast<T>(b), a = static_cast<T>(1.0 - b);
-    const T* v = data_.data();
-    T* out = spare_.data();
-    bool ok = true;
-    for (index_t i = 0; i < d; ++i) {
-      const T gi = g[i];
-      ok &= static_cast<bool>(std::isfinite(gi));
-      out[i] = bb * v[i] + a * (gi * gi);
-    }
-    if (!ok) report_non_finite(g, d, 1, "g");
+    // One fused pass into the spare buffer; swap only if every result is finite.
+    if (!diag_update(d, static_cast<T>(b), static_cast<T>(1.0 - b), data_.data(), g,
+                     spare_.data()))
+      report_diag_failure(g, d, 1);
     std::swap(data_, spare_);
   } else {
-    check_finite_named(g, d, 1, "g");
-    rescale_if_small(b * scale_);
+    bool finite = true;
+    const double m = max_abs(g, d, finite);
+    if (!finite) report_non_finite(g, d, 1, "g");
+    const double root = std::sqrt(1.0 - b) * m;  // (1 - b) m^2 without overflowing m^2
+    prepare_scale(b * scale_, root * root);
     const T alpha = static_cast<T>((1.0 - b) / scale_);
     for (std::size_t k = 0; k < blocks_.size(); ++k)
-      detail::lapack::syr_lower(static_cast<int>(blocks_[k]), alpha, g + offsets_[k],
-                                data_.data() + storage_[k]);
+      syr_lower(blocks_[k], alpha, g + offsets_[k], data_.data() + storage_[k]);
   }
   beta_product_ *= b;
   ++steps_;
@@ -184,13 +261,23 @@ void ema_estimator<T>::update_batch(const T* gs, index_t k) {
   for (index_t i = 0; i < k; ++i) betas[i] = next_beta(steps_ + i);
 
   if (structure_ == structure::diag) {
-    T* v = data_.data();
-    for (index_t r = 0; r < k; ++r) {
-      const T bb = static_cast<T>(betas[r]), a = static_cast<T>(1.0 - betas[r]);
-      const T* g = gs + r * d;
-      for (index_t i = 0; i < d; ++i) v[i] = bb * v[i] + a * (g[i] * g[i]);
-      beta_product_ *= betas[r];
+    // Column chunks that stay in cache: each chunk of the estimate is read once, receives all
+    // k rows, and is written to the spare buffer, which replaces the estimate only if all of it
+    // is finite.
+    constexpr index_t chunk = 1024;
+    bool ok = true;
+    for (index_t i0 = 0; i0 < d; i0 += chunk) {
+      const index_t n = std::min(chunk, d - i0);
+      T* out = spare_.data() + i0;
+      ok &= diag_update(n, static_cast<T>(betas[0]), static_cast<T>(1.0 - betas[0]),
+                        data_.data() + i0, gs + i0, out);
+      for (index_t r = 1; r < k; ++r)
+        ok &= diag_accumulate(n, static_cast<T>(betas[r]), static_cast<T>(1.0 - betas[r]),
+                              gs + r * d + i0, out);
     }
+    if (!ok) report_diag_failure(gs, d, k);
+    std::swap(data_, spare_);
+    for (const double b : betas) beta_product_ *= b;
     steps_ += k;
     return;
   }
@@ -202,7 +289,13 @@ void ema_estimator<T>::update_batch(const T* gs, index_t k) {
     w[i] = (1.0 - betas[i]) * suffix;
     suffix *= betas[i];
   }
-  rescale_if_small(suffix * scale_);
+  double increment = 0.0;
+  for (index_t i = 0; i < k; ++i) {
+    bool finite = true;
+    const double root = std::sqrt(w[i]) * max_abs(gs + i * d, d, finite);
+    increment += root * root;
+  }
+  prepare_scale(suffix * scale_, increment);
   rows_.resize(static_cast<std::size_t>(k * d));
   for (index_t i = 0; i < k; ++i) {
     const T r = static_cast<T>(std::sqrt(w[i] / scale_));
@@ -310,6 +403,8 @@ void ema_estimator<T>::load(const state& st) {
   scale_ = st.scale;
   beta_product_ = st.beta_product;
   data_ = st.data;
+  bound_ = 0.0;
+  for (const T x : data_) bound_ = std::max(bound_, std::abs(static_cast<double>(x)));
   cache_.factored_at = -1;
 }
 

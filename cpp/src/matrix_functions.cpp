@@ -310,31 +310,41 @@ void newton_root<T>::compute(const T* G, const root_spec& spec, const newton_opt
   for (index_t i = 0; i < d; ++i) M[i * d + i] += static_cast<T>(spec.eps);
 
   // c >= lambda_max(B) puts the spectrum of M_0 = B / c in (0, 1], inside the region of
-  // convergence (0, p + 1). min(Frobenius, infinity norm) is a cheap, usually tight bound.
+  // convergence (0, p + 1). min(Frobenius, infinity norm) is a cheap, usually tight bound; the
+  // Frobenius sum is taken relative to max|B| so that tiny or huge matrices neither underflow
+  // nor overflow.
+  double max_entry = 0.0;
+  for (std::size_t i = 0; i < nn; ++i) max_entry = std::max(max_entry, std::abs(double(M[i])));
   double fro = 0.0, inf = 0.0;
-  for (index_t i = 0; i < d; ++i) {
+  for (index_t i = 0; i < d && max_entry > 0; ++i) {
     double row = 0.0;
     for (index_t j = 0; j < d; ++j) {
-      const double x = M[i * d + j];
+      const double x = M[i * d + j] / max_entry;
       fro += x * x;
       row += std::abs(x);
     }
     inf = std::max(inf, row);
   }
-  const double c = std::min(std::sqrt(fro), inf);
+  const double c = max_entry * std::min(std::sqrt(fro), inf);
   const double tol = opts.tol > 0 ? opts.tol : default_newton_tolerance<T>(d);
 
   // The iteration itself would happily invert G + eps I for an indefinite G whenever eps hides
-  // the negative eigenvalue. A Cholesky of G + delta I, delta the rounding tolerance of
-  // eigen_root, costs a sixth of one iteration and rejects what method 'eigh' rejects.
+  // the negative eigenvalue, and converge for a G that is singular up to rounding. A Cholesky
+  // factorisation, a sixth of one iteration, rejects what method 'eigh' rejects: with eps > 0,
+  // of G + delta I (fails only if G has an eigenvalue below -delta); with eps = 0, of G - delta I
+  // (fails if G has an eigenvalue below +delta), delta the rounding tolerance of eigen_root.
   {
     T* L = w_.data();
     std::copy(M, M + nn, L);
     const double delta = clip_tolerance<T>(d) * c;
-    for (index_t i = 0; i < d; ++i) L[i * d + i] += static_cast<T>(delta - spec.eps);
+    const double shift = (spec.eps > 0 ? delta : -delta) - spec.eps;
+    for (index_t i = 0; i < d; ++i) L[i * d + i] += static_cast<T>(shift);
     if (detail::lapack::potrf_lower(n, L) != 0) {
       eigen_root<T> eig(d);
-      eig.factor(G, what);  // throws invalid_argument naming the negative eigenvalue
+      eig.factor(G, what);  // throws invalid_argument naming a negative eigenvalue
+      if (spec.eps == 0.0 && !(eig.eigenvalues()[0] > 0))
+        SADDLESCAPE_NUMERICAL_FAIL(what, " is singular: its smallest eigenvalue is within rounding (",
+                                   clip_tolerance<T>(d) * c, ") of zero and eps = 0; pass eps > 0");
     }
   }
 
@@ -469,11 +479,14 @@ void diag_inv_root(const T* v, index_t n, const root_spec& spec, T* out) {
                                    "pass eps > 0");
   }
   const T eps = static_cast<T>(spec.eps);
-  if (spec.form == root_form::adam) {
+  // T arithmetic when eps is representable in T; an eps below T's normal range (1e-50 in
+  // float32) would round to zero, so that case goes through double like general p.
+  const bool native = spec.eps == 0.0 || eps >= std::numeric_limits<T>::min();
+  if (native && spec.form == root_form::adam) {
     for (index_t i = 0; i < n; ++i) out[i] = T(1) / (std::sqrt(v[i]) + eps);
-  } else if (spec.p == 2) {
+  } else if (native && spec.p == 2) {
     for (index_t i = 0; i < n; ++i) out[i] = T(1) / std::sqrt(v[i] + eps);
-  } else {
+  } else {  // general p, or an eps below T's normal range: in double
     for (index_t i = 0; i < n; ++i)
       out[i] = static_cast<T>(spectral_value(static_cast<double>(v[i]), spec));
   }

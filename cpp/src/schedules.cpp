@@ -33,7 +33,8 @@ void check_beta_args(double C, double floor) {
 }
 
 double clipped_beta(double lr, double C, double floor) {
-  const double beta = 1.0 - C * std::cbrt(lr * lr);
+  const double r = std::cbrt(lr);  // lr^(2/3) as cbrt(lr)^2: lr * lr would overflow or underflow
+  const double beta = 1.0 - C * r * r;
   const double below_one = std::nextafter(1.0, 0.0);
   return beta < floor ? floor : (beta > below_one ? below_one : beta);
 }

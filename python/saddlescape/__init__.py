@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saddlescape import schedules
+from saddlescape import schedules, studies
 from saddlescape._core import NumericalError
 from saddlescape.estimators import CovarianceEstimator, EMAEstimator, burn_in
 from saddlescape.matrix_functions import diag_inv_sqrt, inv_root, inv_sqrt, inv_sqrt_apply
@@ -33,6 +33,7 @@ __all__ = [
     "inv_sqrt",
     "inv_sqrt_apply",
     "schedules",
+    "studies",
 ]
 
 NumericalError.__doc__ = (

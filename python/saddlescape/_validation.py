@@ -28,6 +28,15 @@ def integer(name: str, value: Any) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
+def int32(name: str, value: Any) -> int:
+    """value as an int that fits the C++ core's int, else a ValueError (the core checks the
+    lower bounds itself, with the same kind of message)."""
+    n = integer(name, value)
+    if not -(2**31) <= n <= 2**31 - 1:
+        raise ValueError(f"{name} must be an integer in the 32-bit range, got {n}")
+    return n
+
+
 def float_dtype(dtype: Any) -> np.dtype:
     """float32 or float64 as a numpy dtype; anything else is a ValueError."""
     try:

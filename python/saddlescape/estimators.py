@@ -136,7 +136,9 @@ class EMAEstimator:
             ValueError: g's shape is not (dim,), g has a NaN or Inf entry (named), or the beta
                 schedule leaves [0, 1) at this step. The estimate is then unchanged.
         """
-        self._impl.update(real_array("g", g, self._dtype, (self.dim,)))
+        if not (type(g) is np.ndarray and g.dtype == self._dtype and g.flags.c_contiguous):
+            g = real_array("g", g, self._dtype, (self.dim,))
+        self._impl.update(g)  # checks the shape again
 
     def update_batch(self, gs: npt.ArrayLike) -> None:
         """k EMA steps with the rows of gs, shape (k, dim), as one weighted rank-k update.

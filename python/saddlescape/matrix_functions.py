@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from saddlescape import _core
-from saddlescape._validation import integer as _int
+from saddlescape._validation import int32 as _int32
 from saddlescape._validation import real as _float
 
 Form = Literal["inv_sqrt", "adam"]
@@ -36,7 +36,7 @@ def _newton_args(tol: float | None, max_iter: int) -> tuple[float, int]:
     t = 0.0 if tol is None else _float("tol", tol)
     if tol is not None and not t > 0:
         raise ValueError(f"tol must be > 0 (or None for the default), got {tol!r}")
-    return t, _int("max_iter", max_iter)
+    return t, _int32("max_iter", max_iter)
 
 
 def _array(name: str, value: Any) -> np.ndarray:
@@ -110,7 +110,7 @@ def inv_root(
         NumericalError: as :func:`inv_sqrt`.
     """
     t, it = _newton_args(tol, max_iter)
-    return _core.inv_root(_array("G", G), _int("p", p), _float("eps", eps), "inv_sqrt", method, t, it)
+    return _core.inv_root(_array("G", G), _int32("p", p), _float("eps", eps), "inv_sqrt", method, t, it)
 
 
 def inv_sqrt_apply(

@@ -40,6 +40,12 @@ std::string concat(Parts&&... parts) {
   return os.str();
 }
 
+/// "float32" / "float64", for messages.
+template <class T>
+constexpr const char* type_name() {
+  return sizeof(T) == 4 ? "float32" : "float64";
+}
+
 }  // namespace detail
 }  // namespace saddlescape
 

@@ -66,8 +66,9 @@ class ema_estimator {
   std::int64_t steps() const noexcept { return steps_; }
 
   /// One EMA step with the sample g g^T; g has dim entries.
-  /// @throws invalid_argument if g has a NaN/Inf entry or beta_t is outside [0, 1); the
-  ///   estimate is then exactly as before the call.
+  /// @throws invalid_argument if g has a NaN/Inf entry or beta_t is outside [0, 1);
+  /// @throws numerical_error if the estimate would overflow T.
+  /// In both cases the estimate is exactly as before the call.
   void update(const T* g);
 
   /// k EMA steps with the rows of the row-major (k, dim) array gs, as one weighted rank-k update
@@ -108,7 +109,7 @@ class ema_estimator {
  private:
   double next_beta(std::int64_t t) const;
   void check_finite(const T* g, index_t n, index_t rows) const;
-  void rescale_if_small(double new_scale);
+  void prepare_scale(double new_scale, double increment);
   double correction() const noexcept;
   void refresh_factors();
 
@@ -124,6 +125,7 @@ class ema_estimator {
   std::int64_t steps_ = 0;
   double scale_ = 1.0;
   double beta_product_ = 1.0;
+  double bound_ = 0.0;    // an upper bound on max|S| (full, block)
   std::vector<T> data_;   // S (full/block) or the diagonal
   std::vector<T> spare_;  // diag: the buffer the next update writes
   std::vector<T> rows_;   // update_batch: the weighted rows
