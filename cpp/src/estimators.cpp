@@ -92,10 +92,11 @@ template <class T>
 SADDLESCAPE_MULTIVERSION bool diag_update(index_t n, T b, T a, const T* __restrict v,
                                           const T* __restrict g, T* __restrict out) {
   bool ok = true;
+  const T tiny = std::numeric_limits<T>::min();
   for (index_t i = 0; i < n; ++i) {
     const T o = b * v[i] + a * (g[i] * g[i]);
-    ok &= (o - o == T(0));  // false for NaN and +-Inf, and vectorisable
-    out[i] = o;
+    ok &= (o - o == T(0));     // false for NaN and +-Inf, and vectorisable
+    out[i] = o < tiny ? T(0) : o;  // an entry whose g stays 0 decays: flush, never subnormal
   }
   return ok;
 }
@@ -105,10 +106,11 @@ template <class T>
 SADDLESCAPE_MULTIVERSION bool diag_accumulate(index_t n, T b, T a, const T* __restrict g,
                                               T* __restrict out) {
   bool ok = true;
+  const T tiny = std::numeric_limits<T>::min();
   for (index_t i = 0; i < n; ++i) {
     const T o = b * out[i] + a * (g[i] * g[i]);
     ok &= (o - o == T(0));
-    out[i] = o;
+    out[i] = o < tiny ? T(0) : o;
   }
   return ok;
 }
@@ -424,8 +426,15 @@ void covariance_estimator<T>::update_pair(const T* g1, const T* g2) {
   check_finite_named(g2, d, 1, "g2");
   // (g1 - g2)(g1 - g2)^T / 2 is the outer product of (g1 - g2) / sqrt(2).
   const T r = static_cast<T>(std::sqrt(0.5));
-  for (index_t i = 0; i < d; ++i) diff_[i] = r * (g1[i] - g2[i]);
-  ema_.update(diff_.data());  // a difference of finite values can still overflow: re-checked
+  bool finite = true;
+  for (index_t i = 0; i < d; ++i) {
+    diff_[i] = r * (g1[i] - g2[i]);
+    finite &= static_cast<bool>(std::isfinite(diff_[i]));
+  }
+  if (!finite)
+    SADDLESCAPE_NUMERICAL_FAIL("g1 - g2 overflows ", detail::type_name<T>(),
+                               "; the estimate is unchanged");
+  ema_.update(diff_.data());
 }
 
 template class ema_estimator<float>;

@@ -50,6 +50,9 @@ beta_from_lr_schedule::beta_from_lr_schedule(schedule_ptr lr, double C, double f
     : lr_(std::move(lr)), c_(C), floor_(floor) {
   SADDLESCAPE_EXPECTS(lr_ != nullptr, "beta_from_lr_schedule needs a step-size schedule");
   check_beta_args(C, floor);
+  // A constant step size can be checked now rather than at the first step.
+  if (auto c = std::dynamic_pointer_cast<const constant_schedule>(lr_))
+    SADDLESCAPE_EXPECTS(c->value() > 0, "lr must be finite and > 0, got ", c->value());
 }
 
 double beta_from_lr_schedule::operator()(std::int64_t t) const {

@@ -10,8 +10,11 @@
 /// the lower triangle of S: a step multiplies s by beta and adds ((1 - beta) / s) g g^T to S
 /// (BLAS syr), so no step rescales the whole matrix. When s falls below sqrt(machine epsilon),
 /// S is multiplied by s once and s reset to 1 ("renormalised"), which keeps S's entries within
-/// a factor 1/sqrt(epsilon) of G's and flushes to zero any that would become subnormal. The
-/// untouched upper triangle is never read or decayed. The diagonal estimate is two buffers:
+/// a factor 1/sqrt(epsilon) of G's and flushes to zero any that would become subnormal; S is
+/// also renormalised early, and an update that would overflow anyway is a numerical_error,
+/// whenever a running bound on max|S| comes near the largest finite T. The untouched upper
+/// triangle is never read or decayed. The diagonal estimate flushes subnormals to zero as it
+/// decays, and is kept in two buffers:
 /// an update reads one and writes the other in a single fused pass, so a gradient found
 /// non-finite midway leaves the current estimate untouched.
 
