@@ -96,6 +96,17 @@ bool all_finite(const T* x, index_t n) {
   return ok;
 }
 
+// v is row-major (d, k); names the first non-finite entry.
+template <class T>
+void check_v(const T* v, index_t d, index_t k) {
+  if (all_finite(v, d * k)) return;
+  for (index_t i = 0; i < d * k; ++i)
+    if (!finite(v[i]))
+      throw invalid_argument(k == 1 ? concat("v has a non-finite entry v[", i, "] = ", v[i])
+                                    : concat("v has a non-finite entry v[", i / k, ", ", i % k,
+                                             "] = ", v[i]));
+}
+
 void check_dim(index_t d, std::string_view what) {
   SADDLESCAPE_EXPECTS(d >= 1, what, " must have dimension d >= 1, got d = ", d);
   SADDLESCAPE_EXPECTS(d <= detail::lapack::max_dim, what, " is too large for 32-bit LAPACK: d = ",
@@ -265,7 +276,7 @@ void eigen_root<T>::apply(const root_spec& spec, const T* v, index_t k, T* out) 
   compute_weights(spec);
   if (k == 0) return;
   const index_t d = dim_;
-  SADDLESCAPE_EXPECTS(all_finite(v, d * k), "v has a non-finite entry");
+  check_v(v, d, k);
   const auto need = static_cast<std::size_t>(d * k);
   if (scaled_.size() < need) scaled_.resize(need);
   // Row-major v (d x k) is column-major v^T (k x d); likewise out. So out^T = v^T V F V^T.
@@ -443,7 +454,7 @@ void inv_root_apply(const T* G, index_t d, const T* v, index_t k, const root_spe
   opts.validate();
   check_dim(d, "G");
   SADDLESCAPE_EXPECTS(k >= 0, "v must have >= 0 columns, got ", k);
-  SADDLESCAPE_EXPECTS(all_finite(v, d * k), "v has a non-finite entry");
+  check_v(v, d, k);
   if (method == root_method::eigh) {
     eigen_root<T> solver(d);
     solver.factor(G, "G");

@@ -130,8 +130,8 @@ def inv_sqrt_apply(
 
     Args:
         G: symmetric positive semidefinite, shape (d, d), float32 or float64.
-        v: shape (d,) or (d, k). If its dtype differs from G's, both are promoted to the common
-            float type (numpy's rules), which is the result's dtype.
+        v: shape (d,) or (d, k). A float v of another dtype than G's promotes both to the common
+            float type (numpy's rules); an integer v takes G's dtype. That is the result's dtype.
         eps, form, method, tol, max_iter: as in :func:`inv_sqrt`.
 
     Returns:
@@ -145,8 +145,9 @@ def inv_sqrt_apply(
     t, it = _newton_args(tol, max_iter)
     G = _array("G", G)
     v = _array("v", v)
-    if G.dtype != v.dtype and G.dtype.kind == "f" and v.dtype.kind == "f":
-        common = np.result_type(G.dtype, v.dtype)
+    if G.dtype != v.dtype and G.dtype.kind == "f" and v.dtype.kind in "fiu":
+        # numpy's promotion, except that integers join G's float type (float32 stays float32)
+        common = G.dtype if v.dtype.kind in "iu" else np.result_type(G.dtype, v.dtype)
         G, v = G.astype(common, copy=False), v.astype(common, copy=False)
     return _core.inv_root_apply(G, v, 2, _float("eps", eps), form, method, t, it)
 

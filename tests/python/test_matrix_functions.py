@@ -176,7 +176,11 @@ def test_numerically_singular_needs_eps(helpers, d, method):
         a = ss.inv_sqrt(g, eps, method=method)
     k = cond(lam, eps)
     assert k > 1e8
-    assert helpers.rel_err(a, helpers.ref_inv_root(g, 2, eps)) <= fwd_tol(np.float64, k, d, method)
+    # The eigenvalues below d u lambda_max are rounding noise by the library's definition and
+    # may be set to zero: a perturbation of up to d u lambda_max rather than a few u lambda_max,
+    # which changes f(lambda) = (lambda + eps)^(-1/2) by a relative d u kappa / 2 at most.
+    tol = fwd_tol(np.float64, k * (1 + d / 2), d, method)
+    assert helpers.rel_err(a, helpers.ref_inv_root(g, 2, eps)) <= tol
 
 
 @pytest.mark.parametrize(("d", "kappa"), [(1, 1.0), (3, 1e2), (3, 1e4), (40, 1e3), (64, 1e3)])
