@@ -47,7 +47,7 @@ std::string fmt(double s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int rounds = 7;
+  int rounds = 5;
   std::vector<long> sizes;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];

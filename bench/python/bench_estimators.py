@@ -19,36 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
 
 import saddlescape
+from benchutil import compare
 
 try:
     from scipy.linalg import blas as scipy_blas
 except ImportError:
     scipy_blas = None
-
-
-def timed(fn: Callable[[], object], number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
-
-
-def compare(routes: dict[str, Callable[[], object]], rounds: int, target_s: float) -> dict[str, float]:
-    """Median seconds per call of each route, rounds interleaved with a rotating order."""
-    number = {k: max(1, int(target_s / max(timed(f, 1), 1e-7))) for k, f in routes.items()}
-    samples: dict[str, list[float]] = {k: [] for k in routes}
-    names = list(routes)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            samples[k].append(timed(routes[k], number[k]))
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def full_rank1(d: int, rounds: int, target_s: float) -> dict[str, float]:

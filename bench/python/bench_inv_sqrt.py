@@ -3,8 +3,8 @@
 The baselines compute the same matrix, (G + eps I)^(-1/2), the way a user would without this
 library: numpy's ``eigh`` plus the reconstruction ``(V * w**-0.5) @ V.T``, and where torch is
 installed ``torch.linalg.eigh`` plus the same reconstruction on zero-copy tensors. Each round
-times every route once, in an order that rotates, and the table reports medians over rounds,
-so that drifts of a shared machine hit all routes alike.
+times every route once, in an order that rotates, after a pause that lets the other libraries'
+thread pools go idle (see benchutil.py), and the table reports medians over rounds.
 
     python bench/python/bench_inv_sqrt.py                # the table of bench/RESULTS.md
     python bench/python/bench_inv_sqrt.py --sizes 16 64 --rounds 31
@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
 
 import saddlescape
+from benchutil import compare
 
 try:
     import torch
@@ -43,14 +42,6 @@ def numpy_route(g: np.ndarray) -> np.ndarray:
 def torch_route(g: "torch.Tensor") -> "torch.Tensor":
     w, v = torch.linalg.eigh(g)
     return (v * w.rsqrt()) @ v.T
-
-
-def calls_per_sample(fn: Callable[[], object], target_s: float) -> int:
-    """How many calls make one timed sample last about target_s (small d needs many)."""
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    return max(1, int(target_s / once))
 
 
 def bench_size(d: int, rounds: int, target_s: float, with_newton: bool) -> dict[str, float]:
@@ -75,19 +66,7 @@ def bench_size(d: int, rounds: int, target_s: float, with_newton: bool) -> dict[
         if not err < 1e-8:
             raise SystemExit(f"{name} disagrees with numpy at d = {d}: relative error {err:.2e}")
 
-    number = {name: calls_per_sample(fn, target_s) for name, fn in routes.items()}
-    for fn in routes.values():  # warm caches and thread pools
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in routes}
-    names = list(routes)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn, n = routes[name], number[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return compare(routes, rounds, target_s)
 
 
 def fmt_time(t: float) -> str:

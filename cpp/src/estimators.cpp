@@ -2,6 +2,7 @@
 
 #include "lapack.hpp"
 
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -64,33 +65,20 @@ void check_finite_named(const T* g, index_t n, index_t rows, std::string_view na
   if (!all_finite(g, n * rows)) report_non_finite(g, n, rows, name);
 }
 
-// The two streaming kernels are compiled for AVX2 as well as the x86-64 baseline, picked at load
-// time (GCC/Clang function multiversioning), since the wheel cannot assume AVX2.
+// The diagonal kernels are compiled for AVX2 as well as the x86-64 baseline, picked at load
+// time (GCC/Clang function multiversioning), since the wheel cannot assume AVX2. ("avx2" is
+// tested by feature, where "arch=haswell" would test the CPU model and miss AMD's.)
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define SADDLESCAPE_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define SADDLESCAPE_MULTIVERSION
 #endif
 
-// A (lower triangle, column-major n x n) += alpha x x^T. Our own loop rather than BLAS syr:
-// OpenBLAS's syr is a column-by-column axpy with per-call overhead and threads that stall when
-// the machine is busy (a 1000x slowdown seen on a loaded 2-core machine); this loop is
-// memory-bound and predictable.
-template <class T>
-SADDLESCAPE_MULTIVERSION void syr_lower(index_t n, T alpha, const T* __restrict x,
-                                        T* __restrict a) {
-  for (index_t j = 0; j < n; ++j) {
-    const T axj = alpha * x[j];
-    T* __restrict col = a + j * n;
-    for (index_t i = j; i < n; ++i) col[i] += axj * x[i];
-  }
-}
-
 // out = b v + a g^2, and whether every out_i is finite (false for a NaN/Inf g_i or an overflow):
 // one pass, three streams.
 template <class T>
 SADDLESCAPE_MULTIVERSION bool diag_update(index_t n, T b, T a, const T* __restrict v,
-                                          const T* __restrict g, T* __restrict out) {
+                                                 const T* __restrict g, T* __restrict out) {
   bool ok = true;
   const T tiny = std::numeric_limits<T>::min();
   for (index_t i = 0; i < n; ++i) {
@@ -246,7 +234,8 @@ void ema_estimator<T>::update(const T* g) {
     prepare_scale(b * scale_, root * root);
     const T alpha = static_cast<T>((1.0 - b) / scale_);
     for (std::size_t k = 0; k < blocks_.size(); ++k)
-      syr_lower(blocks_[k], alpha, g + offsets_[k], data_.data() + storage_[k]);
+      detail::lapack::syr_lower(static_cast<int>(blocks_[k]), alpha, g + offsets_[k],
+                                data_.data() + storage_[k]);
   }
   beta_product_ *= b;
   ++steps_;

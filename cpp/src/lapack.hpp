@@ -28,6 +28,10 @@ void SADDLESCAPE_FORTRAN(dpotrf)(const char* uplo, const int* n, double* a, cons
                                  int* info, std::size_t);
 void SADDLESCAPE_FORTRAN(spotrf)(const char* uplo, const int* n, float* a, const int* lda,
                                  int* info, std::size_t);
+void SADDLESCAPE_FORTRAN(dsyr)(const char* uplo, const int* n, const double* alpha, const double* x,
+                               const int* incx, double* a, const int* lda, std::size_t);
+void SADDLESCAPE_FORTRAN(ssyr)(const char* uplo, const int* n, const float* alpha, const float* x,
+                               const int* incx, float* a, const int* lda, std::size_t);
 void SADDLESCAPE_FORTRAN(dsyrk)(const char* uplo, const char* trans, const int* n, const int* k,
                                 const double* alpha, const double* a, const int* lda,
                                 const double* beta, double* c, const int* ldc, std::size_t,
@@ -82,6 +86,18 @@ inline int potrf_lower(int n, float* a) {
   const char uplo = 'L';
   SADDLESCAPE_FORTRAN(spotrf)(&uplo, &n, a, &n, &info, 1);
   return info;
+}
+
+/// A (lower triangle, column-major n x n) += alpha * x x^T.
+inline void syr_lower(int n, double alpha, const double* x, double* a) {
+  const char uplo = 'L';
+  const int one = 1;
+  SADDLESCAPE_FORTRAN(dsyr)(&uplo, &n, &alpha, x, &one, a, &n, 1);
+}
+inline void syr_lower(int n, float alpha, const float* x, float* a) {
+  const char uplo = 'L';
+  const int one = 1;
+  SADDLESCAPE_FORTRAN(ssyr)(&uplo, &n, &alpha, x, &one, a, &n, 1);
 }
 
 /// C (lower triangle) = alpha * A A^T + beta * C, A column-major n x k.

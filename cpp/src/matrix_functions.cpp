@@ -2,6 +2,8 @@
 
 #include "lapack.hpp"
 
+#include <Eigen/Eigenvalues>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -173,11 +175,24 @@ double default_newton_tolerance(index_t d) {
 // eigen_root
 
 template <class T>
+struct eigen_root<T>::small_solver {
+  Eigen::SelfAdjointEigenSolver<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> solver;
+  explicit small_solver(index_t d) : solver(d) {}
+};
+
+template <class T>
+eigen_root<T>::~eigen_root() = default;
+template <class T>
+eigen_root<T>::eigen_root(eigen_root&&) noexcept = default;
+template <class T>
+eigen_root<T>& eigen_root<T>::operator=(eigen_root&&) noexcept = default;
+
+template <class T>
 eigen_root<T>::eigen_root(index_t dim, eigen_backend backend)
     : dim_((check_dim(dim, "G"), dim)),
       use_eigen_(backend == eigen_backend::eigen ||
                  (backend == eigen_backend::automatic && dim <= small_matrix_limit)),
-      small_(use_eigen_ ? dim : 0) {
+      small_(use_eigen_ ? std::make_unique<small_solver>(dim) : nullptr) {
   const auto n = static_cast<std::size_t>(dim);
   vectors_.resize(n * n);
   scaled_.resize(n * n);
@@ -200,13 +215,13 @@ void eigen_root<T>::factor(const T* G, std::string_view what) {
   const index_t d = dim_;
   symmetrize_checked(G, d, what, vectors_.data());
   if (use_eigen_) {
-    small_.compute(Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>>(
+    auto& es = small_->solver;
+    es.compute(Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>>(
         vectors_.data(), d, d));
-    if (small_.info() != Eigen::Success)
+    if (es.info() != Eigen::Success)
       SADDLESCAPE_NUMERICAL_FAIL("the eigensolver (Eigen) did not converge for ", what);
-    lambda_ = small_.eigenvalues();
-    std::copy(small_.eigenvectors().data(), small_.eigenvectors().data() + d * d,
-              vectors_.data());
+    std::copy(es.eigenvalues().data(), es.eigenvalues().data() + d, lambda_.data());
+    std::copy(es.eigenvectors().data(), es.eigenvectors().data() + d * d, vectors_.data());
   } else {
     const int info = detail::lapack::syevd('V', static_cast<int>(d), vectors_.data(),
                                            lambda_.data(), work_.data(),

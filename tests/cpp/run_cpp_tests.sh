@@ -64,3 +64,6 @@ cmake -S "$repo/tests/cpp/consumer" -B "$consumer" "${generator[@]}" \
 cmake --build "$consumer" --parallel "$jobs"
 # No LD_LIBRARY_PATH: the installed library must find its own dependencies (RUNPATH).
 env -u LD_LIBRARY_PATH "$consumer/app"
+if [[ -x "$consumer/app_native" ]]; then
+  env -u LD_LIBRARY_PATH "$consumer/app_native"
+fi

@@ -19,9 +19,9 @@
 #include <saddlescape/errors.hpp>
 
 #include <Eigen/Core>
-#include <Eigen/Eigenvalues>
 
 #include <cstddef>
+#include <memory>
 #include <string_view>
 #include <vector>
 
@@ -119,6 +119,9 @@ class eigen_root {
  public:
   /// @param[in] dim d >= 1. @throws invalid_argument otherwise.
   explicit eigen_root(index_t dim, eigen_backend backend = eigen_backend::automatic);
+  ~eigen_root();
+  eigen_root(eigen_root&&) noexcept;
+  eigen_root& operator=(eigen_root&&) noexcept;
 
   index_t dim() const noexcept { return dim_; }
 
@@ -130,8 +133,9 @@ class eigen_root {
 
   bool factored() const noexcept { return factored_; }
 
-  /// Eigenvalues of the last factor(), ascending, negative rounding noise clipped to 0.
-  const column_vector<T>& eigenvalues() const { return lambda_; }
+  /// Eigenvalues of the last factor(), ascending; those within rounding of zero
+  /// (|lambda| <= clip_tolerance * max|lambda|) are exactly 0.
+  const std::vector<T>& eigenvalues() const { return lambda_; }
   /// Eigenvectors of the last factor(), as the columns of a column-major d x d matrix.
   const T* eigenvectors() const { return vectors_.data(); }
 
@@ -148,13 +152,17 @@ class eigen_root {
   /// Fills weights_ with f(lambda), throws if any is not finite.
   void compute_weights(const root_spec& spec);
 
+  // No Eigen object is a member: their layout and allocator depend on the vectorisation flags
+  // a caller compiles with (-mavx2 vs not), which must not change this class's ABI. Eigen's
+  // solver lives behind a pointer, created and destroyed inside the library.
+  struct small_solver;
   index_t dim_;
   bool use_eigen_;
   bool factored_ = false;
-  Eigen::SelfAdjointEigenSolver<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> small_;
+  std::unique_ptr<small_solver> small_;
   std::vector<T> vectors_;   // column-major eigenvectors
-  column_vector<T> lambda_;  // eigenvalues
-  column_vector<T> weights_;
+  std::vector<T> lambda_;    // eigenvalues
+  std::vector<T> weights_;
   std::vector<T> scaled_;    // W, or V^T v for apply
   std::vector<T> work_;
   std::vector<int> iwork_;

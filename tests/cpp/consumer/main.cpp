@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <memory>
 
 #ifndef SADDLESCAPE_FOUND_VERSION
 #define SADDLESCAPE_FOUND_VERSION "(unknown version)"
@@ -58,6 +59,29 @@ int main() {
                                     saddlescape::inv_sqrt(g, 0.0, saddlescape::root_form::inv_sqrt,
                                                           saddlescape::root_method::newton),
                                     from_spectrum(1.0 / (2 * s2), 1.0 / s2)));
+
+    // The classes, created and destroyed here: their layout must not depend on the flags this
+    // file is compiled with (app_native uses -march=native, the library does not).
+    {
+      saddlescape::eigen_root<double> root(2);
+      const saddlescape::row_matrix<double> gr = g;
+      root.factor(gr.data());
+      saddlescape::row_matrix<double> a(2, 2);
+      root.matrix({2, eps, saddlescape::root_form::inv_sqrt}, a.data());
+      worst = std::fmax(worst, report("eigen_root::matrix(G, 1)", a,
+                                      from_spectrum(1.0 / 3.0, 1.0 / s3)));
+      saddlescape::ema_estimator<double> est(
+          2, std::make_shared<saddlescape::constant_schedule>(0.5));
+      const double s1[] = {1.0, 1.0}, s2v[] = {1.0, -1.0};
+      est.update(s1);
+      est.update(s2v);
+      saddlescape::row_matrix<double> e(2, 2);
+      est.estimate(e.data());
+      // G_2 = 0.5 * (0.5 * s1 s1^T) + 0.5 * s2 s2^T = [[0.75, -0.25], [-0.25, 0.75]]
+      matrix want;
+      want << 0.75, -0.25, -0.25, 0.75;
+      worst = std::fmax(worst, report("ema_estimator::estimate", e, want));
+    }
 
     // The typed errors are part of the interface too.
     bool threw = false;
