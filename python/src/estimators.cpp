@@ -52,17 +52,22 @@ py::object blocks_to_python(const ema_estimator<T>& est, const std::vector<T>& f
   return std::move(blocks);
 }
 
+// The constructor shared by both estimator classes: their arguments are the same.
+template <class Estimator>
+auto estimator_init() {
+  return py::init([](index_t dim, std::shared_ptr<schedule> beta, const std::string& s,
+                     std::vector<index_t> blocks, bool bias_correction, std::int64_t refresh) {
+    return std::make_unique<Estimator>(dim, std::move(beta), parse_structure(s), std::move(blocks),
+                                       bias_correction, refresh);
+  });
+}
+
 template <class T>
 void bind_ema(py::module_& m, const char* name) {
   using est = ema_estimator<T>;
   py::class_<est>(m, name)
-      .def(py::init([](index_t dim, std::shared_ptr<schedule> beta, const std::string& s,
-                       std::vector<index_t> blocks, bool bias_correction, std::int64_t refresh) {
-             return std::make_unique<est>(dim, std::move(beta), parse_structure(s),
-                                          std::move(blocks), bias_correction, refresh);
-           }),
-           py::arg("dim"), py::arg("beta"), py::arg("structure"), py::arg("block_sizes"),
-           py::arg("bias_correction"), py::arg("refresh_every"))
+      .def(estimator_init<est>(), py::arg("dim"), py::arg("beta"), py::arg("structure"),
+           py::arg("block_sizes"), py::arg("bias_correction"), py::arg("refresh_every"))
       .def_property_readonly("dim", &est::dim)
       .def_property_readonly("steps", &est::steps)
       .def_property_readonly("structure",
@@ -148,13 +153,8 @@ template <class T>
 void bind_covariance(py::module_& m, const char* name) {
   using est = covariance_estimator<T>;
   py::class_<est>(m, name)
-      .def(py::init([](index_t dim, std::shared_ptr<schedule> beta, const std::string& s,
-                       std::vector<index_t> blocks, bool bias_correction, std::int64_t refresh) {
-             return std::make_unique<est>(dim, std::move(beta), parse_structure(s),
-                                          std::move(blocks), bias_correction, refresh);
-           }),
-           py::arg("dim"), py::arg("beta"), py::arg("structure"), py::arg("block_sizes"),
-           py::arg("bias_correction"), py::arg("refresh_every"))
+      .def(estimator_init<est>(), py::arg("dim"), py::arg("beta"), py::arg("structure"),
+           py::arg("block_sizes"), py::arg("bias_correction"), py::arg("refresh_every"))
       .def_property_readonly("ema", py::overload_cast<>(&est::ema),
                              py::return_value_policy::reference_internal)
       .def(

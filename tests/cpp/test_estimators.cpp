@@ -23,6 +23,8 @@
 #include <saddlescape/saddlescape.hpp>
 
 #include <gtest/gtest.h>
+
+#include "expect_throw.hpp"
 #include <Eigen/Dense>
 
 #include <algorithm>
@@ -51,26 +53,7 @@ using dmat = Eigen::MatrixXd;
 using dvec = Eigen::VectorXd;
 
 // ---------------------------------------------------------------------------------------------
-// Error checks (as in test_matrix_functions.cpp; macros and helpers are per translation unit).
-
-template <class Expected, class F>
-void expect_throw_with(F&& f, std::string_view needle, const char* expr) {
-  try {
-    f();
-    ADD_FAILURE() << expr << " did not throw";
-  } catch (const Expected& e) {
-    const std::string what = e.what();
-    EXPECT_NE(what.find(needle), std::string::npos)
-        << expr << ": message \"" << what << "\" lacks \"" << needle << "\"";
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << expr << " threw the wrong type: " << e.what();
-  }
-}
-
-#define EXPECT_INVALID(needle, ...) \
-  expect_throw_with<ss::invalid_argument>([&] { __VA_ARGS__; }, needle, #__VA_ARGS__)
-#define EXPECT_NUMERICAL(needle, ...) \
-  expect_throw_with<ss::numerical_error>([&] { __VA_ARGS__; }, needle, #__VA_ARGS__)
+// Error checks: EXPECT_INVALID / EXPECT_NUMERICAL from expect_throw.hpp.
 
 // ---------------------------------------------------------------------------------------------
 // Schedules.

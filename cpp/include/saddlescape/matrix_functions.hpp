@@ -224,6 +224,22 @@ void diag_inv_root(const T* v, index_t n, const root_spec& spec, T* out);
 // Eigen-facing conveniences. They evaluate their argument into a contiguous row-major matrix
 // (free when it already is one) and call the pointer functions above.
 
+namespace detail {
+/// f(G) for any square Eigen expression G, evaluated into a contiguous row-major matrix.
+template <class Derived>
+row_matrix<typename Derived::Scalar> inv_root_of(const Eigen::MatrixBase<Derived>& G,
+                                                 const root_spec& spec, root_method method,
+                                                 const newton_options& opts) {
+  using T = typename Derived::Scalar;
+  const row_matrix<T> g = G;
+  SADDLESCAPE_EXPECTS(g.rows() == g.cols(), "G must be square, got ", g.rows(), " x ",
+                      g.cols());
+  row_matrix<T> a(g.rows(), g.cols());
+  inv_root_batched<T>(g.data(), 1, g.rows(), spec, method, opts, a.data());
+  return a;
+}
+}  // namespace detail
+
 /// (G + eps I)^(-1/2), or (G^(1/2) + eps I)^(-1) with root_form::adam.
 template <class Derived>
 row_matrix<typename Derived::Scalar> inv_sqrt(const Eigen::MatrixBase<Derived>& G,
@@ -231,13 +247,7 @@ row_matrix<typename Derived::Scalar> inv_sqrt(const Eigen::MatrixBase<Derived>& 
                                               root_form form = root_form::inv_sqrt,
                                               root_method method = root_method::eigh,
                                               const newton_options& opts = {}) {
-  using T = typename Derived::Scalar;
-  const row_matrix<T> g = G;
-  SADDLESCAPE_EXPECTS(g.rows() == g.cols(), "G must be square, got ", g.rows(), " x ",
-                      g.cols());
-  row_matrix<T> a(g.rows(), g.cols());
-  inv_root_batched<T>(g.data(), 1, g.rows(), root_spec{2, eps, form}, method, opts, a.data());
-  return a;
+  return detail::inv_root_of(G, root_spec{2, eps, form}, method, opts);
 }
 
 /// (G + eps I)^(-1/p) for an integer p >= 1.
@@ -246,14 +256,7 @@ row_matrix<typename Derived::Scalar> inv_root(const Eigen::MatrixBase<Derived>& 
                                               double eps = 0.0,
                                               root_method method = root_method::eigh,
                                               const newton_options& opts = {}) {
-  using T = typename Derived::Scalar;
-  const row_matrix<T> g = G;
-  SADDLESCAPE_EXPECTS(g.rows() == g.cols(), "G must be square, got ", g.rows(), " x ",
-                      g.cols());
-  row_matrix<T> a(g.rows(), g.cols());
-  inv_root_batched<T>(g.data(), 1, g.rows(), root_spec{p, eps, root_form::inv_sqrt}, method,
-                      opts, a.data());
-  return a;
+  return detail::inv_root_of(G, root_spec{p, eps, root_form::inv_sqrt}, method, opts);
 }
 
 /// A V for A = inv_sqrt(G, eps, form) and V of shape (d, k), without forming A.
