@@ -39,10 +39,6 @@ def _newton_args(tol: float | None, max_iter: int) -> tuple[float, int]:
     return t, _int32("max_iter", max_iter)
 
 
-def _array(name: str, value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else np.asarray(value)
-
-
 def inv_sqrt(
     G: npt.ArrayLike,
     eps: float = 0.0,
@@ -79,7 +75,7 @@ def inv_sqrt(
             converge; the result overflows.
     """
     t, it = _newton_args(tol, max_iter)
-    return _core.inv_root(_array("G", G), 2, _float("eps", eps), form, method, t, it)
+    return _core.inv_root(np.asarray(G), 2, _float("eps", eps), form, method, t, it)
 
 
 def inv_root(
@@ -110,7 +106,7 @@ def inv_root(
         NumericalError: as :func:`inv_sqrt`.
     """
     t, it = _newton_args(tol, max_iter)
-    return _core.inv_root(_array("G", G), _int32("p", p), _float("eps", eps), "inv_sqrt", method, t, it)
+    return _core.inv_root(np.asarray(G), _int32("p", p), _float("eps", eps), "inv_sqrt", method, t, it)
 
 
 def inv_sqrt_apply(
@@ -143,8 +139,8 @@ def inv_sqrt_apply(
         NumericalError: as :func:`inv_sqrt`.
     """
     t, it = _newton_args(tol, max_iter)
-    G = _array("G", G)
-    v = _array("v", v)
+    G = np.asarray(G)
+    v = np.asarray(v)
     if G.dtype != v.dtype and G.dtype.kind == "f" and v.dtype.kind in "fiu":
         # numpy's promotion, except that integers join G's float type (float32 stays float32)
         common = G.dtype if v.dtype.kind in "iu" else np.result_type(G.dtype, v.dtype)
@@ -168,4 +164,4 @@ def diag_inv_sqrt(v: npt.ArrayLike, eps: float = 0.0, form: Form = "inv_sqrt") -
             unknown form; a non-float dtype.
         NumericalError: a zero entry with eps = 0, or overflow.
     """
-    return _core.diag_inv_root(_array("v", v), 2, _float("eps", eps), form)
+    return _core.diag_inv_root(np.asarray(v), 2, _float("eps", eps), form)
