@@ -248,7 +248,8 @@ void ema_estimator<T>::update_batch(const T* gs, index_t k) {
   if (k == 0) return;
   const index_t d = dim_;
   check_finite_named(gs, d, k, "gs");
-  std::vector<double> betas(static_cast<std::size_t>(k));
+  std::vector<double>& betas = batch_betas_;
+  betas.resize(static_cast<std::size_t>(k));
   for (index_t i = 0; i < k; ++i) betas[i] = next_beta(steps_ + i);
 
   if (structure_ == structure::diag) {
@@ -274,7 +275,8 @@ void ema_estimator<T>::update_batch(const T* gs, index_t k) {
   }
 
   // w_i = (1 - beta_i) prod_(j > i) beta_j, by suffix products.
-  std::vector<double> w(static_cast<std::size_t>(k));
+  std::vector<double>& w = batch_weights_;
+  w.resize(static_cast<std::size_t>(k));
   double suffix = 1.0;
   for (index_t i = k - 1; i >= 0; --i) {
     w[i] = (1.0 - betas[i]) * suffix;

@@ -27,19 +27,25 @@ c_array<T> vector_arg(const py::array& a, index_t dim, const char* name) {
   return typed<T>(a, name);
 }
 
-// The estimate or preconditioner, in Python's layout: (d, d), (d,), or a list of blocks.
-template <class T>
-py::object blocks_to_python(const ema_estimator<T>& est, const std::vector<T>& flat) {
+// Runs write(T* out) into a fresh array in Python's layout of the estimate: (d, d), (d,), or a
+// list of blocks. Full and diagonal results are written in place; blocks go through one flat
+// buffer. The GIL is released while write runs.
+template <class T, class Write>
+py::object in_layout(const ema_estimator<T>& est, Write&& write) {
   const index_t d = est.dim();
-  if (est.layout() == structure::diag) {
-    c_array<T> out(d);
-    std::copy(flat.begin(), flat.end(), out.mutable_data());
+  if (est.layout() != structure::block) {
+    c_array<T> out = est.layout() == structure::diag ? c_array<T>(d) : c_array<T>({d, d});
+    T* o = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      write(o);
+    }
     return std::move(out);
   }
-  if (est.layout() == structure::full) {
-    c_array<T> out({d, d});
-    std::copy(flat.begin(), flat.end(), out.mutable_data());
-    return std::move(out);
+  std::vector<T> flat(static_cast<std::size_t>(est.estimate_size()));
+  {
+    py::gil_scoped_release release;
+    write(flat.data());
   }
   py::list blocks;
   index_t at = 0;
@@ -96,21 +102,12 @@ void bind_ema(py::module_& m, const char* name) {
           },
           py::arg("gs"))
       .def("estimate",
-           [](const est& e) {
-             std::vector<T> flat(static_cast<std::size_t>(e.estimate_size()));
-             e.estimate(flat.data());
-             return blocks_to_python(e, flat);
-           })
+           [](const est& e) { return in_layout(e, [&](T* out) { e.estimate(out); }); })
       .def(
           "preconditioner",
           [](est& e, int p, double eps, const std::string& form) {
             const root_spec spec{p, eps, parse_root_form(form)};
-            std::vector<T> flat(static_cast<std::size_t>(e.estimate_size()));
-            {
-              py::gil_scoped_release release;
-              e.preconditioner(spec, flat.data());
-            }
-            return blocks_to_python(e, flat);
+            return in_layout(e, [&](T* out) { e.preconditioner(spec, out); });
           },
           py::arg("p"), py::arg("eps"), py::arg("form"))
       .def(

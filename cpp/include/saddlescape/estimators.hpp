@@ -132,6 +132,7 @@ class ema_estimator {
   std::vector<T> data_;   // S (full/block) or the diagonal
   std::vector<T> spare_;  // diag: the buffer the next update writes
   std::vector<T> rows_;   // update_batch: the weighted rows
+  std::vector<double> batch_betas_, batch_weights_;  // update_batch: beta_i and w_i
 
   // Factorisations of the estimate. A copy of the estimator starts with an empty cache, so
   // copies are cheap and independent.
