@@ -48,5 +48,12 @@ else()
   set(_openblas_search "${SADDLESCAPE_OPENBLAS_DIR}")
 endif()
 find_package(OpenBLAS CONFIG REQUIRED PATHS "${_openblas_search}" NO_DEFAULT_PATH)
-# The wheel's symbols are prefixed; a plain system OpenBLAS would need an empty prefix here.
-set(SADDLESCAPE_BLAS_SYMBOL_PREFIX "scipy_" CACHE STRING "Prefix of the BLAS/LAPACK symbols")
+# The wheel's symbols carry the prefix scipy_; another OpenBLAS (SADDLESCAPE_OPENBLAS_DIR) is
+# assumed to have plain names unless the prefix is given.
+if(SADDLESCAPE_OPENBLAS_DIR)
+  set(_prefix_default "")
+else()
+  set(_prefix_default "scipy_")
+endif()
+set(SADDLESCAPE_BLAS_SYMBOL_PREFIX "${_prefix_default}" CACHE STRING
+    "Prefix of the BLAS/LAPACK symbols")

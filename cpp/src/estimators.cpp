@@ -140,6 +140,11 @@ ema_estimator<T>::ema_estimator(index_t dim, schedule_ptr beta, structure s,
     for (std::size_t i = 0; i < block_sizes.size(); ++i) {
       SADDLESCAPE_EXPECTS(block_sizes[i] >= 1, "block sizes must be >= 1, got block_sizes[", i,
                           "] = ", block_sizes[i]);
+    }
+    for (std::size_t i = 0; i < block_sizes.size(); ++i) {
+      // Checked before summing, so that huge sizes cannot wrap the sum around to dim.
+      SADDLESCAPE_EXPECTS(block_sizes[i] <= dim, "block sizes must be <= dim = ", dim,
+                          ", got block_sizes[", i, "] = ", block_sizes[i]);
       total += block_sizes[i];
     }
     SADDLESCAPE_EXPECTS(total == dim, "block_sizes must sum to dim = ", dim, ", they sum to ",
@@ -288,8 +293,8 @@ void ema_estimator<T>::update_batch(const T* gs, index_t k) {
     const double root = std::sqrt(w[i]) * max_abs(gs + i * d, d, finite);
     increment += root * root;
   }
+  rows_.resize(static_cast<std::size_t>(k * d));  // may throw: before anything changes
   prepare_scale(suffix * scale_, increment);
-  rows_.resize(static_cast<std::size_t>(k * d));
   for (index_t i = 0; i < k; ++i) {
     const T r = static_cast<T>(std::sqrt(w[i] / scale_));
     const T* g = gs + i * d;
@@ -330,8 +335,12 @@ template <class T>
 void ema_estimator<T>::refresh_factors() {
   if (cache_.factored_at >= 0 && steps_ - cache_.factored_at < refresh_every_) return;
   cache_.factored_at = -1;
-  if (cache_.roots.empty())
-    for (const index_t b : blocks_) cache_.roots.push_back(std::make_unique<eigen_root<T>>(b));
+  if (cache_.roots.size() != blocks_.size()) {
+    // Built aside and moved in, so that a throw (bad_alloc) never leaves a partial cache.
+    decltype(cache_.roots) roots;
+    for (const index_t b : blocks_) roots.push_back(std::make_unique<eigen_root<T>>(b));
+    cache_.roots = std::move(roots);
+  }
   const index_t largest = *std::max_element(blocks_.begin(), blocks_.end());
   dense_.resize(static_cast<std::size_t>(largest * largest));
   const T c = static_cast<T>(scale_ * correction());
@@ -391,7 +400,15 @@ void ema_estimator<T>::load(const state& st) {
   SADDLESCAPE_EXPECTS(static_cast<index_t>(st.data.size()) == estimate_size(),
                       "state data must have ", estimate_size(), " values for this estimator, got ",
                       st.data.size());
+  // The bias correction divides by 1 - beta_product: exactly 1 before any step, below 1 after.
+  SADDLESCAPE_EXPECTS(st.steps == 0 ? st.beta_product == 1.0 : st.beta_product < 1.0,
+                      "state beta_product must be 1 before any step and < 1 after, got ",
+                      st.beta_product, " with steps = ", st.steps);
   check_finite_named(st.data.data(), static_cast<index_t>(st.data.size()), 1, "state data");
+  if (structure_ == structure::diag)
+    for (std::size_t i = 0; i < st.data.size(); ++i)
+      SADDLESCAPE_EXPECTS(st.data[i] >= T(0), "a diagonal state must be >= 0, got data[", i,
+                          "] = ", st.data[i]);
   steps_ = st.steps;
   scale_ = st.scale;
   beta_product_ = st.beta_product;

@@ -5,6 +5,7 @@
 #include <Eigen/Eigenvalues>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -66,7 +67,9 @@ double symmetrize_checked(const T* G, index_t d, std::string_view what, T* out) 
           max_abs = aa > max_abs ? aa : max_abs;
           const double gap = std::abs(static_cast<double>(a) - static_cast<double>(b));
           max_gap = gap > max_gap ? gap : max_gap;
-          const T avg = static_cast<T>(0.5) * (a + b);
+          // Halves first: a + b may overflow. Equal halves are kept whole: halving a subnormal
+          // would lose it.
+          const T avg = a == b ? a : a * static_cast<T>(0.5) + b * static_cast<T>(0.5);
           out[i * d + j] = avg;
           out[j * d + i] = avg;
         }
@@ -199,6 +202,10 @@ eigen_root<T>::eigen_root(index_t dim, eigen_backend backend)
   lambda_.resize(dim);
   weights_.resize(dim);
   if (use_eigen_) return;
+  // syevd needs 1 + 6d + 2d^2 workspace entries, counted in a 32-bit int.
+  SADDLESCAPE_EXPECTS(1.0 + 6.0 * double(dim) + 2.0 * double(dim) * double(dim) <= double(INT_MAX),
+                      "d = ", dim, " is too large for 32-bit LAPACK's eigensolver workspace "
+                      "(d <= 32766)");
   // Workspace query: LAPACK reports the optimal sizes for jobz = 'V'.
   T work_size = 0;
   int iwork_size = 0;
@@ -237,6 +244,9 @@ void eigen_root<T>::factor(const T* G, std::string_view what) {
   // null-space eigenvalues of +-1e-16 * lambda_max, and f would amplify that noise (the adam
   // form's sqrt turns 1e-16 into 1e-8, as large as a typical eps).
   const double lo = lambda_[0], hi = lambda_[d - 1];
+  if (!std::isfinite(lo) || !std::isfinite(hi))
+    SADDLESCAPE_NUMERICAL_FAIL("the eigenvalues of ", what, " are not finite (", lo, ", ", hi,
+                               "): its entries are too large for ", detail::type_name<T>());
   lambda_max_abs_ = std::max(std::abs(lo), std::abs(hi));
   const double tol = clip_tolerance<T>(d) * lambda_max_abs_;
   if (lo < -tol)
@@ -390,8 +400,8 @@ void newton_root<T>::compute(const T* G, const root_spec& spec, const newton_opt
   };
   if (!(c > 0.0) || !std::isfinite(c)) fail("could not be scaled");
 
-  const T inv_c = static_cast<T>(1.0 / c);
-  for (std::size_t i = 0; i < nn; ++i) M[i] *= inv_c;
+  // In double: 1 / c itself may not be representable in T (float G of size 1e-39).
+  for (std::size_t i = 0; i < nn; ++i) M[i] = static_cast<T>(static_cast<double>(M[i]) / c);
   T* X = x_.data();
   std::fill(X, X + nn, T(0));
   const T x0 = static_cast<T>(std::pow(c, -1.0 / spec.p));

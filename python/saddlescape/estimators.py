@@ -14,6 +14,10 @@ All arithmetic is native: a full update is one BLAS ``syr`` on a triangle with t
 into a running scale factor, a batch is one weighted ``syrk``, the diagonal update one fused
 pass. A gradient with a NaN or Inf entry, or of the wrong shape, raises ValueError and leaves
 the estimate exactly as it was.
+
+Estimator methods hold the GIL while they run, so one estimator may be shared by several Python
+threads (their calls are serialised); separate estimators do not run in parallel either. The
+matrix functions of :mod:`saddlescape.matrix_functions` release the GIL.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ py::array inv_root_apply_py(const py::array& G, const py::array& v, int p, doubl
   SADDLESCAPE_EXPECTS((v.ndim() == 1 || v.ndim() == 2) && v.shape(0) == d,
                       "v must have shape (", d, ",) or (", d, ", k) to match G, got shape ",
                       shape_string(v));
-  SADDLESCAPE_EXPECTS(G.dtype().is(v.dtype()), "G and v must have the same dtype, got ",
+  SADDLESCAPE_EXPECTS(is_float64(G) == is_float64(v), "G and v must have the same dtype, got ",
                       dtype_string(G), " and ", dtype_string(v));
   const root_spec spec{p, eps, parse_root_form(form)};
   const newton_options opts{tol, max_iter};

@@ -26,8 +26,10 @@ inline std::string shape_string(const py::array& a) {
 
 inline std::string dtype_string(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
-inline bool is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
-inline bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+// Equivalence, not identity: a dtype object equal to float64 but distinct (with metadata, say)
+// is still float64.
+inline bool is_float32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
+inline bool is_float64(const py::array& a) { return py::isinstance<py::array_t<double>>(a); }
 
 inline void expect_float(const py::array& a, const char* name) {
   if (!is_float32(a) && !is_float64(a))

@@ -1,6 +1,10 @@
 // Bindings of the schedules and second-moment estimators. The Python classes in
 // saddlescape/estimators.py convert arguments (dtype, contiguity) and document the API; these
 // bindings check shapes again so that the compiled objects cannot be misused directly.
+//
+// Estimator methods keep the GIL: an estimator is mutable state that is not thread-safe, and
+// holding the GIL is what serialises calls on one estimator from several Python threads
+// (releasing it let concurrent update_batch and preconditioner calls corrupt the factor cache).
 
 #include "common.hpp"
 
@@ -13,7 +17,7 @@ namespace {
 // A C-contiguous array of exactly dtype T, or a ValueError naming what arrived.
 template <class T>
 c_array<T> typed(const py::array& a, const char* name) {
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!py::isinstance<py::array_t<T>>(a))
     throw invalid_argument(std::string(name) + " must have dtype " +
                            py::str(py::dtype::of<T>()).cast<std::string>() + ", got " +
                            dtype_string(a));
@@ -29,24 +33,17 @@ c_array<T> vector_arg(const py::array& a, index_t dim, const char* name) {
 
 // Runs write(T* out) into a fresh array in Python's layout of the estimate: (d, d), (d,), or a
 // list of blocks. Full and diagonal results are written in place; blocks go through one flat
-// buffer. The GIL is released while write runs.
+// buffer.
 template <class T, class Write>
 py::object in_layout(const ema_estimator<T>& est, Write&& write) {
   const index_t d = est.dim();
   if (est.layout() != structure::block) {
     c_array<T> out = est.layout() == structure::diag ? c_array<T>(d) : c_array<T>({d, d});
-    T* o = out.mutable_data();
-    {
-      py::gil_scoped_release release;
-      write(o);
-    }
+    write(out.mutable_data());
     return std::move(out);
   }
   std::vector<T> flat(static_cast<std::size_t>(est.estimate_size()));
-  {
-    py::gil_scoped_release release;
-    write(flat.data());
-  }
+  write(flat.data());
   py::list blocks;
   index_t at = 0;
   for (const index_t b : est.block_sizes()) {
@@ -83,9 +80,7 @@ void bind_ema(py::module_& m, const char* name) {
           "update",
           [](est& e, const py::array& g) {
             const auto a = vector_arg<T>(g, e.dim(), "g");
-            const T* p = a.data();
-            py::gil_scoped_release release;
-            e.update(p);
+            e.update(a.data());
           },
           py::arg("g"))
       .def(
@@ -95,10 +90,7 @@ void bind_ema(py::module_& m, const char* name) {
                                 "gs must have shape (k, ", e.dim(), "), got shape ",
                                 shape_string(gs));
             const auto a = typed<T>(gs, "gs");
-            const T* p = a.data();
-            const index_t k = a.shape(0);
-            py::gil_scoped_release release;
-            e.update_batch(p, k);
+            e.update_batch(a.data(), a.shape(0));
           },
           py::arg("gs"))
       .def("estimate",
@@ -116,12 +108,7 @@ void bind_ema(py::module_& m, const char* name) {
             const root_spec spec{p, eps, parse_root_form(form)};
             const auto a = vector_arg<T>(v, e.dim(), "v");
             c_array<T> out(e.dim());
-            const T* x = a.data();
-            T* o = out.mutable_data();
-            {
-              py::gil_scoped_release release;
-              e.apply(spec, x, o);
-            }
+            e.apply(spec, a.data(), out.mutable_data());
             return out;
           },
           py::arg("v"), py::arg("p"), py::arg("eps"), py::arg("form"))
@@ -159,10 +146,7 @@ void bind_covariance(py::module_& m, const char* name) {
           [](est& e, const py::array& g1, const py::array& g2) {
             const auto a = vector_arg<T>(g1, e.ema().dim(), "g1");
             const auto b = vector_arg<T>(g2, e.ema().dim(), "g2");
-            const T* p = a.data();
-            const T* q = b.data();
-            py::gil_scoped_release release;
-            e.update_pair(p, q);
+            e.update_pair(a.data(), b.data());
           },
           py::arg("g1"), py::arg("g2"));
 }

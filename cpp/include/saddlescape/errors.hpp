@@ -9,9 +9,9 @@
 /// which Python sees as `saddlescape.NumericalError`, a subclass of `ArithmeticError`.
 
 #include <sstream>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
-#include <utility>
 
 namespace saddlescape {
 
@@ -30,13 +30,21 @@ class numerical_error : public std::runtime_error {
 
 namespace detail {
 
-/// Concatenates its arguments with operator<<, so that messages can name the offending
-/// value: `concat("eps must be >= 0, got ", eps)`.
+/// Writes one part of a message. Numbers print with 15 significant digits (9 for float): enough
+/// to name a rejected value exactly (beta = 1.000000000001, not "1"), few enough that computed
+/// values do not show rounding noise (-0.5, not -0.4999999999999998).
+template <class Part>
+void put(std::ostringstream& os, const Part& part) {
+  os.precision(std::is_same_v<Part, float> ? 9 : 15);
+  os << part;
+}
+
+/// Concatenates its arguments, so that messages can name the offending value:
+/// `concat("eps must be >= 0, got ", eps)`.
 template <class... Parts>
-std::string concat(Parts&&... parts) {
+std::string concat(const Parts&... parts) {
   std::ostringstream os;
-  os.precision(6);
-  (os << ... << std::forward<Parts>(parts));
+  (put(os, parts), ...);
   return os.str();
 }
 
