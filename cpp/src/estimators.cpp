@@ -387,7 +387,7 @@ void ema_estimator<T>::apply(const root_spec& spec, const T* v, T* out) {
 
 template <class T>
 typename ema_estimator<T>::state ema_estimator<T>::save() const {
-  return state{steps_, scale_, beta_product_, data_};
+  return state{steps_, scale_, beta_product_, std::vector<T>(data_.begin(), data_.end())};
 }
 
 template <class T>
@@ -412,7 +412,7 @@ void ema_estimator<T>::load(const state& st) {
   steps_ = st.steps;
   scale_ = st.scale;
   beta_product_ = st.beta_product;
-  data_ = st.data;
+  data_.assign(st.data.begin(), st.data.end());
   bound_ = 0.0;
   for (const T x : data_) bound_ = std::max(bound_, std::abs(static_cast<double>(x)));
   cache_.factored_at = -1;

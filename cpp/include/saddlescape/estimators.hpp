@@ -18,6 +18,7 @@
 /// an update reads one and writes the other in a single fused pass, so a gradient found
 /// non-finite midway leaves the current estimate untouched.
 
+#include <saddlescape/detail/huge_page_allocator.hpp>
 #include <saddlescape/errors.hpp>
 #include <saddlescape/matrix_functions.hpp>
 #include <saddlescape/schedules.hpp>
@@ -129,8 +130,9 @@ class ema_estimator {
   double scale_ = 1.0;
   double beta_product_ = 1.0;
   double bound_ = 0.0;    // an upper bound on max|S| (full, block)
-  std::vector<T> data_;   // S (full/block) or the diagonal
-  std::vector<T> spare_;  // diag: the buffer the next update writes
+  using buffer = std::vector<T, detail::huge_page_allocator<T>>;
+  buffer data_;   // S (full/block) or the diagonal
+  buffer spare_;  // diag: the buffer the next update writes
   std::vector<T> rows_;   // update_batch: the weighted rows
   std::vector<double> batch_betas_, batch_weights_;  // update_batch: beta_i and w_i
 
