@@ -341,6 +341,9 @@ void newton_root<T>::compute(const T* G, const root_spec& spec, const newton_opt
   iterations_ = 0;
   residual_ = std::numeric_limits<double>::infinity();
 
+  if (!(spec.eps <= static_cast<double>(std::numeric_limits<T>::max())))
+    SADDLESCAPE_NUMERICAL_FAIL("eps = ", spec.eps, " is not representable in ",
+                               detail::type_name<T>(), "; method 'eigh' evaluates it in double");
   T* M = m_.data();
   symmetrize_checked(G, d, what, M);
   for (index_t i = 0; i < d; ++i) M[i * d + i] += static_cast<T>(spec.eps);

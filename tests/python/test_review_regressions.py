@@ -77,3 +77,11 @@ def test_one_estimator_shared_by_threads_stays_consistent():
         t.join()
     assert errors == []
     assert est.steps == 50 + 4 * 30 * 5
+
+
+def test_newton_refuses_an_eps_that_float32_cannot_hold():
+    # eps = 1e39 was cast to float32 (undefined behaviour) and reported as "could not be scaled".
+    with pytest.raises(ss.NumericalError, match="eps = 1e\\+39 is not representable in float32"):
+        ss.inv_sqrt(np.eye(2, dtype=np.float32), 1e39, method="newton")
+    np.testing.assert_allclose(ss.inv_sqrt(np.eye(2, dtype=np.float32), 1e39),
+                               np.eye(2) / np.sqrt(1e39), rtol=1e-6)
