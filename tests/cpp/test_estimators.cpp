@@ -97,25 +97,6 @@ struct gradients {
   const T* row(index_t i) const { return rows.data() + i * d; }
 };
 
-template <class T>
-gradients<T> make_gradients(index_t n, index_t d, std::uint64_t seed, double spread = 1e3,
-                            double overall = 1.0) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal;
-  std::vector<double> scale(static_cast<std::size_t>(d));
-  for (index_t j = 0; j < d; ++j)
-    scale[j] = d == 1 ? overall
-                      : overall * std::pow(spread, -double((j * 5) % d) / double(d - 1));
-  gradients<T> g{std::vector<T>(static_cast<std::size_t>(n * d)), dmat(n, d), n, d};
-  for (index_t i = 0; i < n; ++i)
-    for (index_t j = 0; j < d; ++j) {
-      const T v = static_cast<T>(normal(rng) * scale[j]);
-      g.rows[i * d + j] = v;
-      g.exact(i, j) = double(v);
-    }
-  return g;
-}
-
 // Gradients with per-coordinate scales given explicitly (ill-scaled runs).
 template <class T>
 gradients<T> scaled_gradients(index_t n, const std::vector<double>& scales, std::uint64_t seed) {
@@ -130,6 +111,17 @@ gradients<T> scaled_gradients(index_t n, const std::vector<double>& scales, std:
       g.exact(i, j) = double(v);
     }
   return g;
+}
+
+// Gradients whose coordinate scales spread geometrically over `spread`, times `overall`.
+template <class T>
+gradients<T> make_gradients(index_t n, index_t d, std::uint64_t seed, double spread = 1e3,
+                            double overall = 1.0) {
+  std::vector<double> scale(static_cast<std::size_t>(d));
+  for (index_t j = 0; j < d; ++j)
+    scale[j] = d == 1 ? overall
+                      : overall * std::pow(spread, -double((j * 5) % d) / double(d - 1));
+  return scaled_gradients<T>(n, scale, seed);
 }
 
 // The plain EMA, and the EMA of |g g^T| that scales its rounding errors.
