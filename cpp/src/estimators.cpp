@@ -1,5 +1,6 @@
 #include <saddlescape/estimators.hpp>
 
+#include "checks.hpp"
 #include "lapack.hpp"
 
 
@@ -31,38 +32,13 @@ std::string_view to_string(structure s) {
 
 namespace {
 
-template <class T>
-void report_non_finite(const T* g, index_t n, index_t rows, std::string_view name) {
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t i = 0; i < n; ++i)
-      if (!std::isfinite(g[r * n + i])) {
-        if (rows == 1 && name != "gs")
-          throw invalid_argument(
-              concat(name, " has a non-finite entry ", name, "[", i, "] = ", g[i]));
-        throw invalid_argument(concat(name, " has a non-finite entry ", name, "[", r, ", ", i,
-                                      "] = ", g[r * n + i]));
-      }
-}
-
 // The diagonal update produced a non-finite value: a NaN/Inf in the gradients (invalid input),
 // or else an overflow (numerical).
 template <class T>
 [[noreturn]] void report_diag_failure(const T* g, index_t n, index_t rows) {
-  report_non_finite(g, n, rows, rows == 1 ? "g" : "gs");
+  detail::report_non_finite(g, rows, n, rows == 1 ? "g" : "gs", rows == 1);
   SADDLESCAPE_NUMERICAL_FAIL("the diagonal estimate would overflow ", detail::type_name<T>(),
                              "; the estimate is unchanged");
-}
-
-template <class T>
-bool all_finite(const T* g, index_t n) {
-  bool ok = true;
-  for (index_t i = 0; i < n; ++i) ok &= static_cast<bool>(std::isfinite(g[i]));
-  return ok;
-}
-
-template <class T>
-void check_finite_named(const T* g, index_t n, index_t rows, std::string_view name) {
-  if (!all_finite(g, n * rows)) report_non_finite(g, n, rows, name);
 }
 
 // The diagonal kernels are compiled for AVX2 as well as the x86-64 baseline, picked at load
@@ -234,7 +210,7 @@ void ema_estimator<T>::update(const T* g) {
   } else {
     bool finite = true;
     const double m = max_abs(g, d, finite);
-    if (!finite) report_non_finite(g, d, 1, "g");
+    if (!finite) detail::report_non_finite(g, 1, d, "g", true);
     const double root = std::sqrt(1.0 - b) * m;  // (1 - b) m^2 without overflowing m^2
     prepare_scale(b * scale_, root * root);
     const T alpha = static_cast<T>((1.0 - b) / scale_);
@@ -252,7 +228,7 @@ void ema_estimator<T>::update_batch(const T* gs, index_t k) {
   SADDLESCAPE_EXPECTS(k <= detail::lapack::max_dim, "the batch is too large: ", k);
   if (k == 0) return;
   const index_t d = dim_;
-  check_finite_named(gs, d, k, "gs");
+  detail::check_finite(gs, k, d, "gs", false);
   std::vector<double>& betas = batch_betas_;
   betas.resize(static_cast<std::size_t>(k));
   for (index_t i = 0; i < k; ++i) betas[i] = next_beta(steps_ + i);
@@ -372,7 +348,7 @@ void ema_estimator<T>::preconditioner(const root_spec& spec, T* out) {
 template <class T>
 void ema_estimator<T>::apply(const root_spec& spec, const T* v, T* out) {
   spec.validate();
-  check_finite_named(v, dim_, 1, "v");
+  detail::check_finite(v, 1, dim_, "v", true);
   if (structure_ == structure::diag) {
     diag_.resize(static_cast<std::size_t>(dim_));
     estimate(diag_.data());
@@ -404,7 +380,8 @@ void ema_estimator<T>::load(const state& st) {
   SADDLESCAPE_EXPECTS(st.steps == 0 ? st.beta_product == 1.0 : st.beta_product < 1.0,
                       "state beta_product must be 1 before any step and < 1 after, got ",
                       st.beta_product, " with steps = ", st.steps);
-  check_finite_named(st.data.data(), static_cast<index_t>(st.data.size()), 1, "state data");
+  detail::check_finite(st.data.data(), 1, static_cast<index_t>(st.data.size()), "state data",
+                       true);
   if (structure_ == structure::diag)
     for (std::size_t i = 0; i < st.data.size(); ++i)
       SADDLESCAPE_EXPECTS(st.data[i] >= T(0), "a diagonal state must be >= 0, got data[", i,
@@ -430,8 +407,8 @@ covariance_estimator<T>::covariance_estimator(index_t dim, schedule_ptr beta, st
 template <class T>
 void covariance_estimator<T>::update_pair(const T* g1, const T* g2) {
   const index_t d = ema_.dim();
-  check_finite_named(g1, d, 1, "g1");
-  check_finite_named(g2, d, 1, "g2");
+  detail::check_finite(g1, 1, d, "g1", true);
+  detail::check_finite(g2, 1, d, "g2", true);
   // (g1 - g2)(g1 - g2)^T / 2 is the outer product of (g1 - g2) / sqrt(2).
   const T r = static_cast<T>(std::sqrt(0.5));
   bool finite = true;

@@ -1,5 +1,6 @@
 #include <saddlescape/matrix_functions.hpp>
 
+#include "checks.hpp"
 #include "lapack.hpp"
 
 #include <Eigen/Eigenvalues>
@@ -92,24 +93,6 @@ void mirror_lower(T* A, index_t d) {
         for (index_t i = std::max(ib, j + 1); i < ie; ++i) A[i * d + j] = A[j * d + i];
     }
   }
-}
-
-template <class T>
-bool all_finite(const T* x, index_t n) {
-  bool ok = true;
-  for (index_t i = 0; i < n; ++i) ok &= finite(x[i]);
-  return ok;
-}
-
-// v is row-major (d, k); names the first non-finite entry.
-template <class T>
-void check_v(const T* v, index_t d, index_t k) {
-  if (all_finite(v, d * k)) return;
-  for (index_t i = 0; i < d * k; ++i)
-    if (!finite(v[i]))
-      throw invalid_argument(k == 1 ? concat("v has a non-finite entry v[", i, "] = ", v[i])
-                                    : concat("v has a non-finite entry v[", i / k, ", ", i % k,
-                                             "] = ", v[i]));
 }
 
 void check_dim(index_t d, std::string_view what) {
@@ -290,7 +273,7 @@ void eigen_root<T>::matrix(const root_spec& spec, T* A) {
   const int n = static_cast<int>(d);
   detail::lapack::syrk_lower(n, n, T(1), scaled_.data(), n, T(0), A, n);
   mirror_lower(A, d);
-  if (!all_finite(A, d * d))
+  if (!detail::all_finite(A, d * d))
     SADDLESCAPE_NUMERICAL_FAIL("the inverse root of ", what_,
                                " overflows in reconstruction; increase eps");
 }
@@ -301,7 +284,7 @@ void eigen_root<T>::apply(const root_spec& spec, const T* v, index_t k, T* out) 
   compute_weights(spec);
   if (k == 0) return;
   const index_t d = dim_;
-  check_v(v, d, k);
+  detail::check_finite(v, d, k, "v", k == 1);
   const auto need = static_cast<std::size_t>(d * k);
   if (scaled_.size() < need) scaled_.resize(need);
   // Row-major v (d x k) is column-major v^T (k x d); likewise out. So out^T = v^T V F V^T.
@@ -313,7 +296,7 @@ void eigen_root<T>::apply(const root_spec& spec, const T* v, index_t k, T* out) 
     for (index_t i = 0; i < k; ++i) tmp[j * k + i] *= f;
   }
   detail::lapack::gemm('N', 'T', kk, n, n, T(1), tmp, kk, vectors_.data(), n, T(0), out, kk);
-  if (!all_finite(out, d * k))
+  if (!detail::all_finite(out, d * k))
     SADDLESCAPE_NUMERICAL_FAIL("A v overflows for ", what_, "; increase eps or rescale v");
 }
 
@@ -445,7 +428,7 @@ void newton_root<T>::compute(const T* G, const root_spec& spec, const newton_opt
       A[i * d + j] = avg;
       A[j * d + i] = avg;
     }
-  if (!all_finite(A, d * d))
+  if (!detail::all_finite(A, d * d))
     SADDLESCAPE_NUMERICAL_FAIL("the inverse root of ", what, " overflows; increase eps");
 }
 
@@ -482,7 +465,7 @@ void inv_root_apply(const T* G, index_t d, const T* v, index_t k, const root_spe
   opts.validate();
   check_dim(d, "G");
   SADDLESCAPE_EXPECTS(k >= 0, "v must have >= 0 columns, got ", k);
-  check_v(v, d, k);
+  detail::check_finite(v, d, k, "v", k == 1);
   if (method == root_method::eigh) {
     eigen_root<T> solver(d);
     solver.factor(G, "G");
@@ -529,7 +512,7 @@ void diag_inv_root(const T* v, index_t n, const root_spec& spec, T* out) {
     for (index_t i = 0; i < n; ++i)
       out[i] = static_cast<T>(spectral_value(static_cast<double>(v[i]), spec));
   }
-  if (!all_finite(out, n)) {
+  if (!detail::all_finite(out, n)) {
     for (index_t i = 0; i < n; ++i)
       if (!finite(out[i]))
         SADDLESCAPE_NUMERICAL_FAIL("the inverse root of v[", i, "] = ", v[i],

@@ -431,18 +431,23 @@ void long_run(const std::vector<double>& scales, double beta, std::int64_t n, st
       << "non-finite values in the state";
 }
 
-TYPED_TEST(Estimator, LongRunsWithTinyAndModerateGradients) {
-  using T = TypeParam;
-  const double tiny = std::is_same_v<T, float> ? 1e-15 : 1e-150;
+// Each scale set over full and block structures, beta 0.5 (5000 steps) and 0.999 (enough steps
+// to renormalise at least twice).
+template <class T>
+void long_runs(const std::vector<std::pair<std::string, std::vector<double>>>& cases) {
   const std::int64_t n_slow = std::is_same_v<T, float> ? 20000 : 40000;
-  for (const structure s : {structure::full, structure::block}) {
+  for (const structure s : {structure::full, structure::block})
     for (const double beta : {0.5, 0.999}) {
       const std::int64_t n = beta == 0.5 ? 5000 : n_slow;
       const std::string tag = name(s) + " beta=" + std::to_string(beta);
-      long_run<T>({tiny, tiny, tiny, tiny}, beta, n, s, "tiny " + tag);
-      long_run<T>({tiny, 1.0, 1e-3, tiny}, beta, n, s, "tiny and moderate " + tag);
+      for (const auto& [label, scales] : cases) long_run<T>(scales, beta, n, s, label + " " + tag);
     }
-  }
+}
+
+TYPED_TEST(Estimator, LongRunsWithTinyAndModerateGradients) {
+  using T = TypeParam;
+  const double tiny = std::is_same_v<T, float> ? 1e-15 : 1e-150;
+  long_runs<T>({{"tiny", {tiny, tiny, tiny, tiny}}, {"tiny and moderate", {tiny, 1.0, 1e-3, tiny}}});
 }
 
 // The same long runs with the other end of the range: entries about 1e150 in double (1e15 in
@@ -451,15 +456,7 @@ TYPED_TEST(Estimator, LongRunsWithHugeGradients) {
   using T = TypeParam;
   const double huge = std::is_same_v<T, float> ? 1e15 : 1e150;
   const double tiny = std::is_same_v<T, float> ? 1e-15 : 1e-150;
-  const std::int64_t n_slow = std::is_same_v<T, float> ? 20000 : 40000;
-  for (const structure s : {structure::full, structure::block}) {
-    for (const double beta : {0.5, 0.999}) {
-      const std::int64_t n = beta == 0.5 ? 5000 : n_slow;
-      const std::string tag = name(s) + " beta=" + std::to_string(beta);
-      long_run<T>({huge, huge, huge, huge}, beta, n, s, "huge " + tag);
-      long_run<T>({tiny, 1.0, huge, tiny}, beta, n, s, "mixed " + tag);
-    }
-  }
+  long_runs<T>({{"huge", {huge, huge, huge, huge}}, {"mixed", {tiny, 1.0, huge, tiny}}});
 }
 
 TYPED_TEST(Estimator, DecayThroughTheSubnormalRangeFlushesToZero) {
