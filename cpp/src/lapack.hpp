@@ -45,6 +45,9 @@ void SADDLESCAPE_FORTRAN(dgemm)(const char* transa, const char* transb, const in
                                 const int* lda, const double* b, const int* ldb,
                                 const double* beta, double* c, const int* ldc, std::size_t,
                                 std::size_t);
+void SADDLESCAPE_FORTRAN(dgemv)(const char* trans, const int* m, const int* n, const double* alpha,
+                                const double* a, const int* lda, const double* x, const int* incx,
+                                const double* beta, double* y, const int* incy, std::size_t);
 void SADDLESCAPE_FORTRAN(sgemm)(const char* transa, const char* transb, const int* m,
                                 const int* n, const int* k, const float* alpha, const float* a,
                                 const int* lda, const float* b, const int* ldb,
@@ -122,6 +125,13 @@ inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float
                  const float* b, int ldb, float beta, float* c, int ldc) {
   SADDLESCAPE_FORTRAN(sgemm)(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc, 1,
                              1);
+}
+
+/// y = alpha * op(A) x + beta * y, A column-major m x n.
+inline void gemv(char trans, int m, int n, double alpha, const double* a, int lda, const double* x,
+                 double beta, double* y) {
+  const int one = 1;
+  SADDLESCAPE_FORTRAN(dgemv)(&trans, &m, &n, &alpha, a, &lda, x, &one, &beta, y, &one, 1);
 }
 
 }  // namespace saddlescape::detail::lapack

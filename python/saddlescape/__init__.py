@@ -11,18 +11,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saddlescape import schedules, studies
+from saddlescape import problems, schedules, studies
 from saddlescape._core import NumericalError
 from saddlescape.estimators import CovarianceEstimator, EMAEstimator, burn_in
 from saddlescape.matrix_functions import diag_inv_sqrt, inv_root, inv_sqrt, inv_sqrt_apply
+from saddlescape.optimizers import SGD, Adam, PreconditionedSGD, RMSProp, SaddleEscape
+from saddlescape.runner import DivergenceError, RunManyResult, RunResult, run, run_many
 from saddlescape.schedules import beta_from_lr
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGD",
+    "Adam",
     "CovarianceEstimator",
+    "DivergenceError",
     "EMAEstimator",
     "NumericalError",
+    "PreconditionedSGD",
+    "RMSProp",
+    "RunManyResult",
+    "RunResult",
+    "SaddleEscape",
     "__version__",
     "beta_from_lr",
     "burn_in",
@@ -32,6 +42,9 @@ __all__ = [
     "inv_root",
     "inv_sqrt",
     "inv_sqrt_apply",
+    "problems",
+    "run",
+    "run_many",
     "schedules",
     "studies",
 ]

@@ -6,3 +6,7 @@
 #include <saddlescape/matrix_functions.hpp>
 #include <saddlescape/schedules.hpp>
 #include <saddlescape/estimators.hpp>
+#include <saddlescape/rng.hpp>
+#include <saddlescape/problems.hpp>
+#include <saddlescape/optimizers.hpp>
+#include <saddlescape/runner.hpp>

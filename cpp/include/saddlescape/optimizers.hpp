@@ -1,0 +1,279 @@
+#pragma once
+/// @file optimizers.hpp
+/// The step rules of the paper's Sec. 4.2, all of the form x <- x - lr_t A_t g_t:
+/// - sgd: A = I.
+/// - preconditioned_sgd (Algorithm 1): A = A(x_t) from an oracle, e.g. the idealized
+///   (E[g g^T](x_t) + eps I)^(-1/2) of a problem that knows E[g g^T].
+/// - rmsprop (Algorithms 2 and 3): G_t = beta_t G_(t-1) + (1 - beta_t) g_t g_t^T (G_0 = 0, no
+///   bias correction), then A_t = (G_t + eps I)^(-1/2) (form inv_sqrt) or (G_t^(1/2) + eps I)^(-1)
+///   (form adam); full, diagonal or block-diagonal G; with burn_in = W > 0 the first W calls of
+///   step() only update G (Algorithm 3: x stays at x0).
+/// - adam: m_t = beta1 m_(t-1) + (1 - beta1) g_t; G_t as above with beta2; both bias-corrected;
+///   x <- x - lr_t A(G_t / (1 - prod beta2)) m_t / (1 - beta1^t).
+/// - saddle_escape (Algorithm 4): a base rule whose step size is r at the steps t with
+///   t mod t_thresh == 0 (t counted from 0 over the steps that move x).
+///
+/// Counters. lr_t is evaluated at t = the number of earlier steps that moved x (burn-in steps
+/// do not count). beta_t is evaluated at the number of earlier updates of the estimate, which
+/// counts burn-in samples and the hallucinated samples of saddle_escape.
+///
+/// Errors. step() checks g first: a NaN/Inf entry is an invalid_argument naming it, and x and
+/// the optimizer's state are then exactly as before the call. Optimizers work in float64 and
+/// are not thread-safe (one object per thread).
+
+#include <saddlescape/errors.hpp>
+#include <saddlescape/estimators.hpp>
+#include <saddlescape/matrix_functions.hpp>
+#include <saddlescape/problems.hpp>
+#include <saddlescape/schedules.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace saddlescape {
+
+/// An optimizer's complete state, for checkpoints: named arrays and scalars, and the kind of
+/// optimizer it came from (load_state_dict checks it).
+struct optimizer_state {
+  std::string kind;
+  std::map<std::string, std::vector<double>> arrays;
+  std::map<std::string, double> scalars;
+};
+
+class optimizer {
+ public:
+  virtual ~optimizer() = default;
+
+  index_t dim() const noexcept { return dim_; }
+  /// Calls of step() so far, burn-in included.
+  std::int64_t steps() const noexcept { return steps_; }
+  /// Steps that moved x so far: the t of the next step's lr_t.
+  std::int64_t moves() const noexcept { return moves_; }
+  /// Burn-in calls still to come (they update the estimate and leave x alone).
+  virtual std::int64_t burn_in_remaining() const noexcept { return 0; }
+  /// Whether the optimizer keeps an estimate that observe() feeds.
+  virtual bool estimates() const noexcept { return false; }
+  /// The step size lr_t of the t-th moving step.
+  virtual double lr(std::int64_t t) const = 0;
+  virtual std::string describe() const = 0;
+  /// A short name: "SGD", "RMSProp", ...; the kind recorded in state_dict().
+  virtual std::string kind() const = 0;
+
+  /// One step with the gradient g at x (dim entries each); x is updated in place. `source`
+  /// gives extra gradient samples where a rule needs them (saddle_escape with hallucinate > 0)
+  /// and projects onto the feasible set.
+  /// @throws invalid_argument for a non-finite g (x and state unchanged), or a missing source.
+  void step(double* x, const double* g, sampler* source = nullptr);
+
+  /// A step with the given step size, counted as a moving step, g already checked finite.
+  /// For rules built on top of this one (saddle_escape).
+  void step_with_lr(double* x, const double* g, double lr, sampler* source);
+
+  /// Feeds g to the estimate without moving x (burn-in; hallucinated samples). A no-op for
+  /// rules without an estimate. @throws invalid_argument for a non-finite g (state unchanged).
+  void observe(const double* g);
+
+  optimizer_state state_dict() const;
+  /// @throws invalid_argument (naming the field) for a state of another kind or shape, or with
+  ///   non-finite entries; the optimizer is then unchanged.
+  void load_state_dict(const optimizer_state& st);
+
+ protected:
+  explicit optimizer(index_t dim);
+  /// Update the state with g, then x <- x - lr A g. g is finite. Must leave x and the state
+  /// unchanged when it throws on account of the input.
+  virtual void move(double* x, const double* g, double lr, sampler* source) = 0;
+  virtual void do_observe(const double* g) { (void)g; }
+  virtual void save_extra(optimizer_state& st) const { (void)st; }
+  /// Check everything first, then assign: a throw must leave the optimizer unchanged.
+  virtual void load_extra(const optimizer_state& st) { (void)st; }
+  virtual void do_step(double* x, const double* g, sampler* source);
+  /// Throws for a non-finite g; else records max|g| in gmax_ (the diagonal rules' overflow test).
+  void check_gradient(const double* g);
+
+  index_t dim_;
+  double gmax_ = 0.0;
+  std::int64_t steps_ = 0;
+  std::int64_t moves_ = 0;
+};
+
+using optimizer_ptr = std::shared_ptr<optimizer>;
+
+/// x <- x - lr_t g.
+class sgd final : public optimizer {
+ public:
+  sgd(index_t dim, schedule_ptr lr);
+  double lr(std::int64_t t) const override { return (*lr_)(t); }
+  std::string describe() const override;
+  std::string kind() const override { return "SGD"; }
+
+ protected:
+  void move(double* x, const double* g, double lr, sampler* source) override;
+
+ private:
+  schedule_ptr lr_;
+};
+
+/// Algorithm 1: x <- x - lr_t A(x_t) g_t, with `direction(x, g, out)` writing out = A(x) g.
+class preconditioned_sgd final : public optimizer {
+ public:
+  using direction_fn = std::function<void(const double* x, const double* g, double* out)>;
+  preconditioned_sgd(index_t dim, schedule_ptr lr, direction_fn direction,
+                     std::string name = "callable");
+  /// The idealized adaptive method: A(x) = f(E[g g^T](x)) with f of `spec` (eps > 0 unless
+  /// E[g g^T] is non-singular), from problem.second_moment().
+  static std::shared_ptr<preconditioned_sgd> idealized(problem_ptr problem, schedule_ptr lr,
+                                                       const root_spec& spec);
+  double lr(std::int64_t t) const override { return (*lr_)(t); }
+  std::string describe() const override;
+  std::string kind() const override { return "PreconditionedSGD"; }
+
+ protected:
+  void move(double* x, const double* g, double lr, sampler* source) override;
+
+ private:
+  schedule_ptr lr_;
+  direction_fn direction_;
+  std::string name_;
+  std::vector<double> dir_;
+};
+
+/// How full and block estimates turn into the direction A g.
+enum class root_solver {
+  eigh,     ///< an eigendecomposition of G_t at every refresh (exact when refresh_every = 1).
+  lowrank,  ///< exact at every step to `tol`: see rmsprop_options::solver.
+};
+root_solver parse_root_solver(std::string_view name);
+std::string_view to_string(root_solver s);
+
+struct rmsprop_options {
+  double eps = 1e-8;                       ///< > 0.
+  structure layout = structure::full;
+  root_form form = root_form::inv_sqrt;
+  std::int64_t burn_in = 0;                ///< W >= 0 (Algorithm 3).
+  /// eigh: refactor G every this many updates (1: exact; k > 1: A is up to k - 1 updates stale).
+  /// lowrank: the period of the full eigendecomposition (the step is exact regardless).
+  std::int64_t refresh_every = 1;
+  std::vector<index_t> block_sizes;        ///< structure::block only.
+  /// root_solver::lowrank (full structure, form inv_sqrt): G_t + eps I = B + U W U^T with B
+  /// the estimate at the last eigendecomposition (decayed) plus eps I and U the gradients
+  /// since, and A g = (2 / pi) int_0^inf (G_t + eps I + s^2 I)^(-1) g ds evaluated by the
+  /// trapezoidal rule in log s (error below tol relative) with Woodbury solves in B's
+  /// eigenbasis: O(d^2 + d k^2 n_nodes) per step instead of an O(d^3) eigendecomposition.
+  root_solver solver = root_solver::eigh;
+  double tol = 1e-10;                      ///< lowrank: the quadrature's relative accuracy.
+};
+
+/// Algorithms 2 and 3. See the file comment for the exact rule.
+class rmsprop final : public optimizer {
+ public:
+  /// @throws invalid_argument for dim < 1, a null schedule, eps <= 0 or not finite, burn_in < 0,
+  ///   refresh_every < 1, bad block_sizes, or a lowrank solver with another structure or form.
+  rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_options opts = {});
+  ~rmsprop() override;
+  std::int64_t burn_in_remaining() const noexcept override;
+  bool estimates() const noexcept override { return true; }
+  double lr(std::int64_t t) const override { return (*lr_)(t); }
+  std::string describe() const override;
+  std::string kind() const override { return "RMSProp"; }
+  const rmsprop_options& options() const noexcept { return opts_; }
+  /// Updates of the estimate so far.
+  std::int64_t updates() const noexcept;
+  /// The estimate G_t in the layout of ema_estimator::estimate() (d x d, d, or blocks).
+  std::vector<double> estimate() const;
+
+ protected:
+  void move(double* x, const double* g, double lr, sampler* source) override;
+  void do_observe(const double* g) override;
+  void save_extra(optimizer_state& st) const override;
+  void load_extra(const optimizer_state& st) override;
+
+ private:
+  struct lowrank_state;
+  void update_estimate(const double* g);
+  void lowrank_direction(const double* g);
+  schedule_ptr lr_, beta_;
+  rmsprop_options opts_;
+  root_spec spec_;
+  // diag, and full with d = 2 (closed form): the estimate kept here, with its update count.
+  std::int64_t own_updates_ = 0;
+  bool closed_2x2_ = false;
+  double g2_[3] = {0.0, 0.0, 0.0};                   // closed form: G = [g0 g1; g1 g2]
+  std::vector<double> v_;                            // diag: the estimate
+  std::unique_ptr<ema_estimator<double>> est_;       // full, block
+  std::unique_ptr<lowrank_state> lowrank_;
+  std::vector<double> dir_;
+};
+
+struct adam_options {
+  double eps = 1e-8;  ///< > 0.
+  structure layout = structure::diag;
+  root_form form = root_form::adam;
+  std::int64_t refresh_every = 1;
+  std::vector<index_t> block_sizes;
+};
+
+class adam final : public optimizer {
+ public:
+  /// @throws invalid_argument for dim < 1, beta1 outside [0, 1), eps <= 0, bad blocks.
+  adam(index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, adam_options opts = {});
+  bool estimates() const noexcept override { return true; }
+  double lr(std::int64_t t) const override { return (*lr_)(t); }
+  std::string describe() const override;
+  std::string kind() const override { return "Adam"; }
+
+ protected:
+  void move(double* x, const double* g, double lr, sampler* source) override;
+  void do_observe(const double* g) override;
+  void save_extra(optimizer_state& st) const override;
+  void load_extra(const optimizer_state& st) override;
+
+ private:
+  schedule_ptr lr_, beta2_;
+  double beta1_;
+  adam_options opts_;
+  root_spec spec_;
+  std::int64_t updates_ = 0;
+  double beta2_product_ = 1.0;
+  std::vector<double> m_, v_, mhat_, dir_;
+  std::unique_ptr<ema_estimator<double>> est_;  // full, block
+};
+
+/// Algorithm 4 over a base rule. With hallucinate = S > 0 (base must estimate), after each large
+/// step from x_t to x_(t+1) (projected) the base's estimate is fed S stochastic gradients taken
+/// at x_t + (k / S)(x_(t+1) - x_t), k = 1..S: so that, as far as the estimator sees, no step is
+/// longer than max(lr, r / S). This is this library's reading of the paper's Appendix B.
+class saddle_escape final : public optimizer {
+ public:
+  /// @throws invalid_argument for a null base, r not finite or <= 0, t_thresh < 1,
+  ///   hallucinate < 0, or hallucinate > 0 with a base that keeps no estimate.
+  saddle_escape(optimizer_ptr base, double r, std::int64_t t_thresh, std::int64_t hallucinate = 0);
+  std::int64_t burn_in_remaining() const noexcept override { return base_->burn_in_remaining(); }
+  bool estimates() const noexcept override { return base_->estimates(); }
+  double lr(std::int64_t t) const override;
+  std::string describe() const override;
+  std::string kind() const override { return "SaddleEscape"; }
+  const optimizer_ptr& base() const noexcept { return base_; }
+  double r() const noexcept { return r_; }
+  std::int64_t t_thresh() const noexcept { return t_thresh_; }
+  std::int64_t hallucinate() const noexcept { return hallucinate_; }
+
+ protected:
+  void do_step(double* x, const double* g, sampler* source) override;
+  void move(double* x, const double* g, double lr, sampler* source) override;
+  void do_observe(const double* g) override;
+  void save_extra(optimizer_state& st) const override;
+  void load_extra(const optimizer_state& st) override;
+
+ private:
+  optimizer_ptr base_;
+  double r_;
+  std::int64_t t_thresh_, hallucinate_;
+  std::vector<double> x_prev_, point_, g_extra_;
+};
+
+}  // namespace saddlescape

@@ -1,0 +1,747 @@
+#include <saddlescape/optimizers.hpp>
+
+#include "checks.hpp"
+#include "lapack.hpp"
+#include "multiversion.hpp"
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace saddlescape {
+
+using detail::concat;
+
+namespace {
+
+constexpr double pi = 3.14159265358979323846;
+
+schedule_ptr require(schedule_ptr s, const char* name) {
+  SADDLESCAPE_EXPECTS(s != nullptr, name, " must not be null");
+  return s;
+}
+
+void check_eps(double eps) {
+  SADDLESCAPE_EXPECTS(std::isfinite(eps) && eps > 0.0, "eps must be finite and > 0, got ", eps);
+}
+
+double beta_at(const schedule& beta, std::int64_t t) {
+  const double b = beta(t);
+  SADDLESCAPE_EXPECTS(b >= 0.0 && b < 1.0, "beta must be in [0, 1), got beta_t = ", b,
+                      " at update t = ", t);
+  return b;
+}
+
+// Checks an optimizer state's fields before anything is assigned.
+const std::vector<double>& state_array(const optimizer_state& st, const std::string& name,
+                                       std::size_t size) {
+  const auto it = st.arrays.find(name);
+  SADDLESCAPE_EXPECTS(it != st.arrays.end(), "the state has no array '", name, "'");
+  SADDLESCAPE_EXPECTS(it->second.size() == size, "the state's '", name, "' must have ", size,
+                      " entries, got ", it->second.size());
+  for (std::size_t i = 0; i < size; ++i)
+    SADDLESCAPE_EXPECTS(std::isfinite(it->second[i]), "the state's '", name,
+                        "' must be finite, got ", it->second[i], " at index ", i);
+  return it->second;
+}
+
+double state_scalar(const optimizer_state& st, const std::string& name) {
+  const auto it = st.scalars.find(name);
+  SADDLESCAPE_EXPECTS(it != st.scalars.end(), "the state has no scalar '", name, "'");
+  SADDLESCAPE_EXPECTS(std::isfinite(it->second), "the state's '", name, "' must be finite, got ",
+                      it->second);
+  return it->second;
+}
+
+std::int64_t state_count(const optimizer_state& st, const std::string& name) {
+  const double v = state_scalar(st, name);
+  SADDLESCAPE_EXPECTS(v >= 0.0 && v <= 9007199254740992.0 && v == std::floor(v), "the state's '",
+                      name, "' must be a count (an integer >= 0), got ", v);
+  return static_cast<std::int64_t>(v);
+}
+
+void save_estimator(const ema_estimator<double>& est, optimizer_state& st) {
+  auto s = est.save();
+  st.arrays["S"] = std::move(s.data);
+  st.scalars["estimate.steps"] = static_cast<double>(s.steps);
+  st.scalars["estimate.scale"] = s.scale;
+  st.scalars["estimate.beta_product"] = s.beta_product;
+}
+
+ema_estimator<double>::state read_estimator(const optimizer_state& st, std::size_t size) {
+  ema_estimator<double>::state s;
+  s.data = state_array(st, "S", size);
+  s.steps = state_count(st, "estimate.steps");
+  s.scale = state_scalar(st, "estimate.scale");
+  s.beta_product = state_scalar(st, "estimate.beta_product");
+  return s;
+}
+
+// x <- x - lr d, after checking that the step is finite: a direction that overflowed must not
+// reach x.
+void apply_direction(double* x, const double* dir, index_t d, double lr, const char* what) {
+  if (!detail::all_finite(dir, d))
+    SADDLESCAPE_NUMERICAL_FAIL("the direction ", what, " is not finite; x is unchanged");
+  for (index_t i = 0; i < d; ++i) x[i] -= lr * dir[i];
+}
+
+// The fused diagonal RMSProp step, one pass over x, g and v:
+//   v <- b v + a g^2 (subnormals flushed), x <- x - lr g / den(v).
+// g is finite and a g^2 cannot overflow (checked by the caller), so v stays finite.
+SADDLESCAPE_MULTIVERSION void rmsprop_diag_inv_sqrt(index_t n, double b, double a, double lr,
+                                                    double eps, const double* __restrict g,
+                                                    double* __restrict v, double* __restrict x) {
+  const double tiny = std::numeric_limits<double>::min();
+  for (index_t i = 0; i < n; ++i) {
+    double vi = b * v[i] + a * (g[i] * g[i]);
+    vi = vi < tiny ? 0.0 : vi;
+    v[i] = vi;
+    x[i] -= lr * g[i] / std::sqrt(vi + eps);
+  }
+}
+
+SADDLESCAPE_MULTIVERSION void rmsprop_diag_adam(index_t n, double b, double a, double lr,
+                                                double eps, const double* __restrict g,
+                                                double* __restrict v, double* __restrict x) {
+  const double tiny = std::numeric_limits<double>::min();
+  for (index_t i = 0; i < n; ++i) {
+    double vi = b * v[i] + a * (g[i] * g[i]);
+    vi = vi < tiny ? 0.0 : vi;
+    v[i] = vi;
+    x[i] -= lr * g[i] / (std::sqrt(vi) + eps);
+  }
+}
+
+// The fused diagonal Adam step: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
+// x <- x - lr_m m / den(c v), with lr_m = lr / (1 - b1^t) and c = 1 / (1 - prod b2).
+SADDLESCAPE_MULTIVERSION void adam_diag(index_t n, double b1, double b2, double lr_m, double c,
+                                        double eps, bool adam_form, const double* __restrict g,
+                                        double* __restrict m, double* __restrict v,
+                                        double* __restrict x) {
+  const double tiny = std::numeric_limits<double>::min();
+  if (adam_form) {
+    for (index_t i = 0; i < n; ++i) {
+      const double mi = b1 * m[i] + (1.0 - b1) * g[i];
+      double vi = b2 * v[i] + (1.0 - b2) * (g[i] * g[i]);
+      vi = vi < tiny ? 0.0 : vi;
+      m[i] = mi;
+      v[i] = vi;
+      x[i] -= lr_m * mi / (std::sqrt(c * vi) + eps);
+    }
+  } else {
+    for (index_t i = 0; i < n; ++i) {
+      const double mi = b1 * m[i] + (1.0 - b1) * g[i];
+      double vi = b2 * v[i] + (1.0 - b2) * (g[i] * g[i]);
+      vi = vi < tiny ? 0.0 : vi;
+      m[i] = mi;
+      v[i] = vi;
+      x[i] -= lr_m * mi / std::sqrt(c * vi + eps);
+    }
+  }
+}
+
+// v <- b v + a g^2 without moving x (burn-in and hallucinated samples of the diagonal rules).
+void diag_observe(index_t n, double b, double a, const double* g, double* v) {
+  const double tiny = std::numeric_limits<double>::min();
+  for (index_t i = 0; i < n; ++i) {
+    const double vi = b * v[i] + a * (g[i] * g[i]);
+    v[i] = vi < tiny ? 0.0 : vi;
+  }
+}
+
+void check_square_fits(double gmax, const char* rule) {
+  if (!(gmax * gmax <= std::numeric_limits<double>::max()))
+    SADDLESCAPE_NUMERICAL_FAIL(rule, ": max|g| = ", gmax,
+                               " is too large, g^2 overflows float64; the state is unchanged");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// optimizer
+
+optimizer::optimizer(index_t dim) : dim_(dim) {
+  SADDLESCAPE_EXPECTS(dim >= 1, "dim must be >= 1, got ", dim);
+}
+
+void optimizer::check_gradient(const double* g) {
+  gmax_ = detail::checked_max_abs(g, dim_, "g");
+}
+
+void optimizer::step(double* x, const double* g, sampler* source) {
+  check_gradient(g);
+  do_step(x, g, source);
+}
+
+void optimizer::do_step(double* x, const double* g, sampler* source) {
+  if (burn_in_remaining() > 0) {
+    do_observe(g);
+    ++steps_;
+    return;
+  }
+  const double rate = lr(moves_);
+  SADDLESCAPE_EXPECTS(std::isfinite(rate) && rate >= 0.0,
+                      "lr must be finite and >= 0, got lr_t = ", rate, " at t = ", moves_);
+  move(x, g, rate, source);
+  ++moves_;
+  ++steps_;
+}
+
+void optimizer::step_with_lr(double* x, const double* g, double lr, sampler* source) {
+  check_gradient(g);
+  move(x, g, lr, source);
+  ++moves_;
+  ++steps_;
+}
+
+void optimizer::observe(const double* g) {
+  check_gradient(g);
+  do_observe(g);
+}
+
+optimizer_state optimizer::state_dict() const {
+  optimizer_state st;
+  st.kind = kind();
+  st.scalars["steps"] = static_cast<double>(steps_);
+  st.scalars["moves"] = static_cast<double>(moves_);
+  save_extra(st);
+  return st;
+}
+
+void optimizer::load_state_dict(const optimizer_state& st) {
+  SADDLESCAPE_EXPECTS(st.kind == kind(), "the state is from a ", st.kind, " optimizer, not ",
+                      kind());
+  const std::int64_t steps = state_count(st, "steps");
+  const std::int64_t moves = state_count(st, "moves");
+  SADDLESCAPE_EXPECTS(moves <= steps, "the state's moves (", moves, ") exceed its steps (", steps,
+                      ")");
+  load_extra(st);
+  steps_ = steps;
+  moves_ = moves;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sgd, preconditioned_sgd
+
+sgd::sgd(index_t dim, schedule_ptr lr) : optimizer(dim), lr_(require(std::move(lr), "lr")) {}
+
+std::string sgd::describe() const { return concat("SGD(dim=", dim_, ", lr=", lr_->describe(), ")"); }
+
+void sgd::move(double* x, const double* g, double lr, sampler*) {
+  for (index_t i = 0; i < dim_; ++i) x[i] -= lr * g[i];
+}
+
+preconditioned_sgd::preconditioned_sgd(index_t dim, schedule_ptr lr, direction_fn direction,
+                                       std::string name)
+    : optimizer(dim), lr_(require(std::move(lr), "lr")), direction_(std::move(direction)),
+      name_(std::move(name)), dir_(static_cast<std::size_t>(dim)) {
+  SADDLESCAPE_EXPECTS(static_cast<bool>(direction_), "the preconditioner callable is empty");
+}
+
+std::shared_ptr<preconditioned_sgd> preconditioned_sgd::idealized(problem_ptr problem,
+                                                                  schedule_ptr lr,
+                                                                  const root_spec& spec) {
+  SADDLESCAPE_EXPECTS(problem != nullptr, "problem must not be null");
+  SADDLESCAPE_EXPECTS(problem->has_second_moment(), problem->describe(),
+                      " does not know E[g g^T], so it has no idealized preconditioner");
+  spec.validate();
+  const index_t d = problem->dim();
+  // The factorisation and its input are per optimizer: copies of the callable share them, and
+  // an optimizer is used by one thread at a time.
+  auto root = std::make_shared<eigen_root<double>>(d);
+  auto G = std::make_shared<std::vector<double>>(static_cast<std::size_t>(d * d));
+  direction_fn fn = [problem, spec, root, G](const double* x, const double* g, double* out) {
+    problem->second_moment(x, G->data());
+    root->factor(G->data(), "E[g g^T]");
+    root->apply(spec, g, 1, out);
+  };
+  return std::make_shared<preconditioned_sgd>(
+      d, std::move(lr), std::move(fn),
+      concat("idealized ", to_string(spec.form), " eps=", spec.eps, " of ", problem->describe()));
+}
+
+std::string preconditioned_sgd::describe() const {
+  return concat("PreconditionedSGD(dim=", dim_, ", lr=", lr_->describe(), ", A=", name_, ")");
+}
+
+void preconditioned_sgd::move(double* x, const double* g, double lr, sampler*) {
+  direction_(x, g, dir_.data());
+  apply_direction(x, dir_.data(), dim_, lr, "A(x) g");
+}
+
+// ---------------------------------------------------------------------------------------------
+// rmsprop
+
+root_solver parse_root_solver(std::string_view name) {
+  if (name == "eigh") return root_solver::eigh;
+  if (name == "lowrank") return root_solver::lowrank;
+  throw invalid_argument(concat("solver must be 'eigh' or 'lowrank', got '", name, "'"));
+}
+
+std::string_view to_string(root_solver s) { return s == root_solver::eigh ? "eigh" : "lowrank"; }
+
+// The lowrank solver's factorisation: G_t = gamma G_ref + sum_i w_i g_i g_i^T, with
+// G_ref = V diag(lambda) V^T from the last refresh and u_i = V^T g_i kept in its eigenbasis.
+struct rmsprop::lowrank_state {
+  explicit lowrank_state(index_t d, std::int64_t period)
+      : root(d), dense(static_cast<std::size_t>(d * d)),
+        u(static_cast<std::size_t>(period * d)), w(static_cast<std::size_t>(period)),
+        y(static_cast<std::size_t>(d)), z(static_cast<std::size_t>(d)),
+        e(static_cast<std::size_t>(d)), a(static_cast<std::size_t>(d)),
+        diag(static_cast<std::size_t>(d)) {}
+  eigen_root<double> root;
+  std::vector<double> dense;
+  bool valid = false;      // root holds G_ref and u, w describe the updates since
+  double gamma = 1.0;
+  index_t k = 0;           // updates since the refresh
+  bool y_is_last = false;  // y = V^T g for the latest update (saves a pass over V)
+  std::vector<double> u, w, y, z, e, a, diag;
+  Eigen::MatrixXd q, qe, c;
+};
+
+rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_options opts)
+    : optimizer(dim), lr_(require(std::move(lr), "lr")), beta_(require(std::move(beta), "beta")),
+      opts_(std::move(opts)), spec_{2, opts_.eps, opts_.form} {
+  check_eps(opts_.eps);
+  SADDLESCAPE_EXPECTS(opts_.burn_in >= 0, "burn_in must be >= 0, got ", opts_.burn_in);
+  SADDLESCAPE_EXPECTS(opts_.refresh_every >= 1, "refresh_every must be >= 1, got ",
+                      opts_.refresh_every);
+  SADDLESCAPE_EXPECTS(std::isfinite(opts_.tol) && opts_.tol > 0.0 && opts_.tol < 1.0,
+                      "tol must be in (0, 1), got ", opts_.tol);
+  const bool lowrank = opts_.solver == root_solver::lowrank;
+  if (lowrank) {
+    SADDLESCAPE_EXPECTS(opts_.layout == structure::full,
+                        "solver 'lowrank' needs structure 'full', got '", to_string(opts_.layout),
+                        "'");
+    SADDLESCAPE_EXPECTS(opts_.form == root_form::inv_sqrt,
+                        "solver 'lowrank' computes the inv_sqrt form only, got form '",
+                        to_string(opts_.form), "'");
+  }
+  if (opts_.layout == structure::diag) {
+    SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
+    v_.assign(static_cast<std::size_t>(dim), 0.0);
+  } else if (opts_.layout == structure::full && dim == 2 && !lowrank &&
+             opts_.refresh_every == 1) {
+    SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
+    closed_2x2_ = true;
+  } else {
+    est_ = std::make_unique<ema_estimator<double>>(dim, beta_, opts_.layout, opts_.block_sizes,
+                                                   false, lowrank ? 1 : opts_.refresh_every);
+    if (lowrank) lowrank_ = std::make_unique<lowrank_state>(dim, opts_.refresh_every);
+  }
+  dir_.resize(static_cast<std::size_t>(dim));
+}
+
+rmsprop::~rmsprop() = default;
+
+std::int64_t rmsprop::burn_in_remaining() const noexcept {
+  return std::max<std::int64_t>(0, opts_.burn_in - (steps_ - moves_));
+}
+
+std::int64_t rmsprop::updates() const noexcept { return est_ ? est_->steps() : own_updates_; }
+
+std::string rmsprop::describe() const {
+  return concat("RMSProp(dim=", dim_, ", lr=", lr_->describe(), ", beta=", beta_->describe(),
+                ", eps=", opts_.eps, ", structure=", to_string(opts_.layout), ", form=",
+                to_string(opts_.form), ", burn_in=", opts_.burn_in, ", refresh_every=",
+                opts_.refresh_every, ", solver=", to_string(opts_.solver), ")");
+}
+
+std::vector<double> rmsprop::estimate() const {
+  if (opts_.layout == structure::diag) return v_;
+  if (closed_2x2_) return {g2_[0], g2_[1], g2_[1], g2_[2]};
+  std::vector<double> out(static_cast<std::size_t>(est_->estimate_size()));
+  est_->estimate(out.data());
+  return out;
+}
+
+void rmsprop::update_estimate(const double* g) {
+  if (opts_.layout == structure::diag) {
+    const double b = beta_at(*beta_, own_updates_);
+    check_square_fits(gmax_, "RMSProp");
+    diag_observe(dim_, b, 1.0 - b, g, v_.data());
+    ++own_updates_;
+    return;
+  }
+  if (closed_2x2_) {
+    const double b = beta_at(*beta_, own_updates_), a = 1.0 - b;
+    const double n0 = b * g2_[0] + a * g[0] * g[0], n1 = b * g2_[1] + a * g[0] * g[1],
+                 n2 = b * g2_[2] + a * g[1] * g[1];
+    if (!(std::isfinite(n0) && std::isfinite(n1) && std::isfinite(n2)))
+      SADDLESCAPE_NUMERICAL_FAIL("RMSProp: the estimate would overflow float64; it is unchanged");
+    g2_[0] = n0;
+    g2_[1] = n1;
+    g2_[2] = n2;
+    ++own_updates_;
+    return;
+  }
+  const double b = lowrank_ ? beta_at(*beta_, est_->steps()) : 0.0;
+  est_->update(g);
+  if (!lowrank_) return;
+  auto& L = *lowrank_;
+  L.y_is_last = false;
+  if (!L.valid || L.k >= opts_.refresh_every) {
+    L.valid = false;  // refreshed from G_t when a direction is next needed
+    return;
+  }
+  const int d = static_cast<int>(dim_);
+  double* row = L.u.data() + L.k * dim_;
+  detail::lapack::gemv('T', d, d, 1.0, L.root.eigenvectors(), d, g, 0.0, row);
+  L.gamma *= b;
+  for (index_t i = 0; i < L.k; ++i) L.w[static_cast<std::size_t>(i)] *= b;
+  L.w[static_cast<std::size_t>(L.k)] = 1.0 - b;
+  ++L.k;
+  std::copy(row, row + dim_, L.y.data());
+  L.y_is_last = true;
+}
+
+void rmsprop::do_observe(const double* g) { update_estimate(g); }
+
+namespace {
+
+// A = f(G) applied to g for a symmetric positive semi-definite 2 x 2 G = [a b; b c], through
+// its Jacobi rotation (Golub and Van Loan, Sec. 8.5.2): stable for any conditioning.
+void closed_form_2x2(const double* G, const root_spec& spec, const double* g, double* out) {
+  const double a = G[0], b = G[1], c = G[2];
+  double cs = 1.0, sn = 0.0, l1 = a, l2 = c;
+  if (b != 0.0) {
+    const double tau = (c - a) / (2.0 * b);
+    const double t = (tau >= 0.0 ? 1.0 : -1.0) / (std::abs(tau) + std::hypot(1.0, tau));
+    cs = 1.0 / std::hypot(1.0, t);
+    sn = t * cs;
+    l1 = a - t * b;
+    l2 = c + t * b;
+  }
+  // Eigenvalues within rounding of zero count as zero, as in eigen_root.
+  const double tol = clip_tolerance<double>(2) * std::max(std::abs(l1), std::abs(l2));
+  auto f = [&](double l) {
+    l = l <= tol ? 0.0 : l;
+    return spec.form == root_form::adam ? 1.0 / (std::sqrt(l) + spec.eps)
+                                        : 1.0 / std::sqrt(l + spec.eps);
+  };
+  // Eigenvectors (cs, -sn) and (sn, cs).
+  const double p1 = cs * g[0] - sn * g[1], p2 = sn * g[0] + cs * g[1];
+  const double f1 = f(l1) * p1, f2 = f(l2) * p2;
+  out[0] = cs * f1 + sn * f2;
+  out[1] = -sn * f1 + cs * f2;
+}
+
+}  // namespace
+
+void rmsprop::move(double* x, const double* g, double lr, sampler*) {
+  if (opts_.layout == structure::diag) {
+    const double b = beta_at(*beta_, own_updates_);
+    check_square_fits(gmax_, "RMSProp");
+    if (opts_.form == root_form::adam)
+      rmsprop_diag_adam(dim_, b, 1.0 - b, lr, opts_.eps, g, v_.data(), x);
+    else
+      rmsprop_diag_inv_sqrt(dim_, b, 1.0 - b, lr, opts_.eps, g, v_.data(), x);
+    ++own_updates_;
+    return;
+  }
+  update_estimate(g);
+  if (closed_2x2_) {
+    closed_form_2x2(g2_, spec_, g, dir_.data());
+  } else if (lowrank_) {
+    lowrank_direction(g);
+  } else {
+    est_->apply(spec_, g, dir_.data());
+  }
+  apply_direction(x, dir_.data(), dim_, lr, "(G + eps I)^(-1/2) g");
+}
+
+void rmsprop::lowrank_direction(const double* g) {
+  auto& L = *lowrank_;
+  const index_t d = dim_;
+  const int n = static_cast<int>(d);
+  if (!L.valid) {
+    est_->estimate(L.dense.data());
+    L.root.factor(L.dense.data(), "the estimate G_t");
+    L.valid = true;
+    L.gamma = 1.0;
+    L.k = 0;
+    L.y_is_last = false;
+  }
+  if (!L.y_is_last)
+    detail::lapack::gemv('T', n, n, 1.0, L.root.eigenvectors(), n, g, 0.0, L.y.data());
+  const auto& lambda = L.root.eigenvalues();
+  double lo = std::numeric_limits<double>::infinity(), hi = 0.0;
+  for (index_t j = 0; j < d; ++j) {
+    const double dj = L.gamma * lambda[static_cast<std::size_t>(j)] + opts_.eps;
+    L.diag[static_cast<std::size_t>(j)] = dj;
+    lo = std::min(lo, dj);
+    hi = std::max(hi, dj);
+  }
+  const index_t k = L.k;
+  // Q = W^(1/2) U (k x d); the low-rank part adds at most sum_i ||q_i||^2 to the spectrum.
+  L.q.resize(k, d);
+  for (index_t i = 0; i < k; ++i) {
+    const double s = std::sqrt(L.w[static_cast<std::size_t>(i)]);
+    const double* ui = L.u.data() + i * d;
+    for (index_t j = 0; j < d; ++j) L.q(i, j) = s * ui[j];
+  }
+  if (k > 0) hi += L.q.squaredNorm();
+
+  // (M)^(-1/2) y = (2/pi) int (M + e^(2s))^(-1) y e^s ds. For one eigenvalue lambda the
+  // integrand is sech(s - log(lambda)/2) / (2 sqrt(lambda)), analytic in the strip |Im| < pi/2,
+  // so the trapezoidal rule with step h errs by about 2 exp(-pi^2 / h) (relative), and cutting
+  // the tails at distance T from [log(lo)/2, log(hi)/2] loses about 2 exp(-T) / pi.
+  const double log_tol = std::log(opts_.tol);
+  const double h = pi * pi / (std::log(4.0) - log_tol);
+  const double tail = std::log(2.0 / pi) - log_tol + 1.0;
+  const double s0 = 0.5 * std::log(lo) - tail, s1 = 0.5 * std::log(hi) + tail;
+  const auto nodes = static_cast<index_t>(std::ceil((s1 - s0) / h)) + 1;
+  std::fill(L.z.begin(), L.z.end(), 0.0);
+  Eigen::Map<Eigen::VectorXd> y(L.y.data(), d), z(L.z.data(), d), e(L.e.data(), d),
+      a(L.a.data(), d);
+  const Eigen::Map<const Eigen::VectorXd> dg(L.diag.data(), d);
+  Eigen::LLT<Eigen::MatrixXd> llt(k);
+  for (index_t j = 0; j < nodes; ++j) {
+    const double s = s0 + static_cast<double>(j) * h;
+    const double sigma = std::exp(2.0 * s);
+    e = (dg.array() + sigma).inverse();
+    a = e.cwiseProduct(y);
+    if (k > 0) {
+      // Woodbury with C = I + Q E Q^T (symmetric positive definite, eigenvalues >= 1).
+      L.qe = L.q * e.asDiagonal();
+      L.c.noalias() = L.qe * L.q.transpose();
+      L.c.diagonal().array() += 1.0;
+      llt.compute(L.c);
+      const Eigen::VectorXd coef = llt.solve(L.q * a);
+      a.noalias() -= L.qe.transpose() * coef;
+    }
+    z += (2.0 / pi) * h * std::exp(s) * a;
+  }
+  detail::lapack::gemv('N', n, n, 1.0, L.root.eigenvectors(), n, L.z.data(), 0.0, dir_.data());
+}
+
+void rmsprop::save_extra(optimizer_state& st) const {
+  if (opts_.layout == structure::diag) {
+    st.arrays["v"] = v_;
+    st.scalars["estimate.steps"] = static_cast<double>(own_updates_);
+  } else if (closed_2x2_) {
+    st.arrays["S"] = {g2_[0], g2_[1], g2_[1], g2_[2]};
+    st.scalars["estimate.steps"] = static_cast<double>(own_updates_);
+    st.scalars["estimate.scale"] = 1.0;
+    st.scalars["estimate.beta_product"] = 1.0;
+  } else {
+    save_estimator(*est_, st);
+  }
+}
+
+void rmsprop::load_extra(const optimizer_state& st) {
+  if (opts_.layout == structure::diag) {
+    const auto& v = state_array(st, "v", v_.size());
+    for (std::size_t i = 0; i < v.size(); ++i)
+      SADDLESCAPE_EXPECTS(v[i] >= 0.0, "the state's 'v' must be >= 0, got ", v[i], " at index ",
+                          i);
+    const std::int64_t n = state_count(st, "estimate.steps");
+    v_ = v;
+    own_updates_ = n;
+  } else if (closed_2x2_) {
+    const auto s = read_estimator(st, 4);
+    // Only the lower triangle is meaningful, as in ema_estimator's state.
+    const double n0 = s.scale * s.data[0], n1 = s.scale * s.data[2], n2 = s.scale * s.data[3];
+    SADDLESCAPE_EXPECTS(n0 >= 0.0 && n2 >= 0.0 && std::isfinite(n1),
+                        "the state's estimate must be positive semi-definite");
+    g2_[0] = n0;
+    g2_[1] = n1;
+    g2_[2] = n2;
+    own_updates_ = s.steps;
+  } else {
+    est_->load(read_estimator(st, static_cast<std::size_t>(est_->estimate_size())));
+    if (lowrank_) lowrank_->valid = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// adam
+
+adam::adam(index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, adam_options opts)
+    : optimizer(dim), lr_(require(std::move(lr), "lr")),
+      beta2_(require(std::move(beta2), "beta2")), beta1_(beta1), opts_(std::move(opts)),
+      spec_{2, opts_.eps, opts_.form} {
+  SADDLESCAPE_EXPECTS(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
+  check_eps(opts_.eps);
+  SADDLESCAPE_EXPECTS(opts_.refresh_every >= 1, "refresh_every must be >= 1, got ",
+                      opts_.refresh_every);
+  const auto d = static_cast<std::size_t>(dim);
+  m_.assign(d, 0.0);
+  mhat_.assign(d, 0.0);
+  dir_.assign(d, 0.0);
+  if (opts_.layout == structure::diag) {
+    SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
+    v_.assign(d, 0.0);
+  } else {
+    est_ = std::make_unique<ema_estimator<double>>(dim, beta2_, opts_.layout, opts_.block_sizes,
+                                                   true, opts_.refresh_every);
+  }
+}
+
+std::string adam::describe() const {
+  return concat("Adam(dim=", dim_, ", lr=", lr_->describe(), ", beta1=", beta1_, ", beta2=",
+                beta2_->describe(), ", eps=", opts_.eps, ", structure=", to_string(opts_.layout),
+                ", form=", to_string(opts_.form), ")");
+}
+
+void adam::do_observe(const double* g) {
+  if (est_) {
+    est_->update(g);
+    return;
+  }
+  const double b = beta_at(*beta2_, updates_);
+  check_square_fits(gmax_, "Adam");
+  diag_observe(dim_, b, 1.0 - b, g, v_.data());
+  beta2_product_ *= b;
+  ++updates_;
+}
+
+void adam::move(double* x, const double* g, double lr, sampler*) {
+  // The first moment's bias correction counts the moving steps, this one included.
+  const double m_correction = 1.0 - std::pow(beta1_, static_cast<double>(moves_ + 1));
+  if (!est_) {
+    const double b = beta_at(*beta2_, updates_);
+    check_square_fits(gmax_, "Adam");
+    const double product = beta2_product_ * b;
+    adam_diag(dim_, beta1_, b, lr / m_correction, 1.0 / (1.0 - product), opts_.eps,
+              opts_.form == root_form::adam, g, m_.data(), v_.data(), x);
+    beta2_product_ = product;
+    ++updates_;
+    return;
+  }
+  for (index_t i = 0; i < dim_; ++i) mhat_[i] = beta1_ * m_[i] + (1.0 - beta1_) * g[i];
+  est_->update(g);  // throws before any change
+  std::copy(mhat_.begin(), mhat_.end(), m_.begin());
+  for (auto& v : mhat_) v /= m_correction;
+  est_->apply(spec_, mhat_.data(), dir_.data());
+  apply_direction(x, dir_.data(), dim_, lr, "A m_hat");
+}
+
+void adam::save_extra(optimizer_state& st) const {
+  st.arrays["m"] = m_;
+  if (est_) {
+    save_estimator(*est_, st);
+  } else {
+    st.arrays["v"] = v_;
+    st.scalars["estimate.steps"] = static_cast<double>(updates_);
+    st.scalars["estimate.beta_product"] = beta2_product_;
+  }
+}
+
+void adam::load_extra(const optimizer_state& st) {
+  const auto& m = state_array(st, "m", m_.size());
+  if (est_) {
+    est_->load(read_estimator(st, static_cast<std::size_t>(est_->estimate_size())));
+  } else {
+    const auto& v = state_array(st, "v", v_.size());
+    for (std::size_t i = 0; i < v.size(); ++i)
+      SADDLESCAPE_EXPECTS(v[i] >= 0.0, "the state's 'v' must be >= 0, got ", v[i], " at index ",
+                          i);
+    const std::int64_t n = state_count(st, "estimate.steps");
+    const double product = state_scalar(st, "estimate.beta_product");
+    SADDLESCAPE_EXPECTS(product >= 0.0 && product <= 1.0,
+                        "the state's 'estimate.beta_product' must be in [0, 1], got ", product);
+    v_ = v;
+    updates_ = n;
+    beta2_product_ = product;
+  }
+  m_ = m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// saddle_escape
+
+namespace {
+index_t base_dim(const optimizer_ptr& base) {
+  SADDLESCAPE_EXPECTS(base != nullptr, "base must not be null");
+  return base->dim();
+}
+}  // namespace
+
+saddle_escape::saddle_escape(optimizer_ptr base, double r, std::int64_t t_thresh,
+                             std::int64_t hallucinate)
+    : optimizer(base_dim(base)),
+      base_(std::move(base)), r_(r), t_thresh_(t_thresh), hallucinate_(hallucinate) {
+  SADDLESCAPE_EXPECTS(std::isfinite(r) && r > 0.0, "r must be finite and > 0, got ", r);
+  SADDLESCAPE_EXPECTS(t_thresh >= 1, "t_thresh must be >= 1, got ", t_thresh);
+  SADDLESCAPE_EXPECTS(hallucinate >= 0, "hallucinate must be >= 0, got ", hallucinate);
+  SADDLESCAPE_EXPECTS(hallucinate == 0 || base_->estimates(), "hallucinate = ", hallucinate,
+                      " needs a base that keeps an estimate (RMSProp, Adam), got ",
+                      base_->kind());
+  const auto d = static_cast<std::size_t>(dim_);
+  x_prev_.resize(d);
+  point_.resize(d);
+  g_extra_.resize(d);
+  steps_ = base_->steps();
+  moves_ = base_->moves();
+}
+
+double saddle_escape::lr(std::int64_t t) const {
+  return t % t_thresh_ == 0 ? r_ : base_->lr(t);
+}
+
+std::string saddle_escape::describe() const {
+  return concat("SaddleEscape(base=", base_->describe(), ", r=", r_, ", t_thresh=", t_thresh_,
+                ", hallucinate=", hallucinate_, ")");
+}
+
+void saddle_escape::do_step(double* x, const double* g, sampler* source) {
+  if (base_->burn_in_remaining() > 0) {
+    base_->step(x, g, source);
+    ++steps_;
+    return;
+  }
+  const std::int64_t t = moves_;
+  if (t % t_thresh_ != 0) {
+    base_->step_with_lr(x, g, base_->lr(base_->moves()), source);
+  } else {
+    SADDLESCAPE_EXPECTS(hallucinate_ == 0 || source != nullptr,
+                        "SaddleEscape with hallucinate = ", hallucinate_,
+                        " needs a gradient source (the problem) for its large steps");
+    std::copy(x, x + dim_, x_prev_.begin());
+    base_->step_with_lr(x, g, r_, source);
+    if (source) source->project(x);
+    for (std::int64_t k = 1; k <= hallucinate_; ++k) {
+      const double s = static_cast<double>(k) / static_cast<double>(hallucinate_);
+      for (index_t i = 0; i < dim_; ++i) point_[i] = x_prev_[i] + s * (x[i] - x_prev_[i]);
+      source->sample(point_.data(), g_extra_.data());
+      if (!detail::all_finite(g_extra_.data(), dim_))
+        SADDLESCAPE_NUMERICAL_FAIL("the gradient sample ", k, " of ", hallucinate_,
+                                   " on the large step at t = ", t, " is not finite");
+      base_->observe(g_extra_.data());
+    }
+  }
+  ++moves_;
+  ++steps_;
+}
+
+void saddle_escape::move(double* x, const double* g, double lr, sampler* source) {
+  base_->step_with_lr(x, g, lr, source);
+}
+
+void saddle_escape::do_observe(const double* g) { base_->observe(g); }
+
+void saddle_escape::save_extra(optimizer_state& st) const {
+  const optimizer_state b = base_->state_dict();
+  st.scalars["base.kind_is_" + b.kind] = 1.0;
+  for (const auto& [name, value] : b.arrays) st.arrays["base." + name] = value;
+  for (const auto& [name, value] : b.scalars) st.scalars["base." + name] = value;
+}
+
+void saddle_escape::load_extra(const optimizer_state& st) {
+  optimizer_state b;
+  b.kind = base_->kind();
+  for (const auto& [name, value] : st.arrays)
+    if (name.rfind("base.", 0) == 0) b.arrays[name.substr(5)] = value;
+  for (const auto& [name, value] : st.scalars)
+    if (name.rfind("base.", 0) == 0 && name.rfind("base.kind_is_", 0) != 0)
+      b.scalars[name.substr(5)] = value;
+  SADDLESCAPE_EXPECTS(st.scalars.count("base.kind_is_" + b.kind) == 1,
+                      "the state's base is not a ", b.kind, " optimizer");
+  base_->load_state_dict(b);
+}
+
+}  // namespace saddlescape

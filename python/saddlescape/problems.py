@@ -1,0 +1,174 @@
+"""Gradient oracles: the paper's problems, noisy quadratics, logistic regression, callables.
+
+Each problem is a C++ object that :func:`saddlescape.run` drives without leaving native code.
+All offer ``dim``, ``stochastic_gradients(x, n, seed)`` and ``sampler(seed)``; where known also
+``value(x)``, ``gradient(x)`` (exact), ``hessian(x)``, ``lambda_min(x)`` and ``second_moment(x)``
+(E[g g^T] at x); ``has_value`` etc. say which. Problems are immutable and may be shared by the
+threads of :func:`saddlescape.run_many`.
+
+Randomness: a run with seed s draws from the generator documented in ``rng.hpp`` (xoshiro256**
+seeded by splitmix64; Lemire's method for indices; Marsaglia's polar method for normals), so a
+seed names one result bit for bit. A Python oracle instead receives a numpy Generator,
+``numpy.random.Generator(numpy.random.PCG64(s))``, created once per run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from saddlescape import _core
+from saddlescape._validation import integer as _integer
+from saddlescape._validation import real as _real
+from saddlescape._validation import real_array as _real_array
+
+Problem = _core.Problem
+Sampler = _core.Sampler
+
+__all__ = [
+    "LogisticRegression",
+    "NoisyQuadratic",
+    "Oracle",
+    "Problem",
+    "ReddiCounterexample",
+    "SaddleProblem",
+    "Sampler",
+    "as_problem",
+]
+
+_f64 = np.dtype(np.float64)
+
+
+def _seed(value: Any) -> int:
+    s = _integer("seed", value)
+    if not 0 <= s < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {s}")
+    return s
+
+
+def _vector_or_matrix(name: str, value: Any, d: int) -> np.ndarray:
+    a = np.asarray(value)
+    shape: tuple[int | None, ...] = (d,) if a.ndim == 1 else (d, d)
+    return _real_array(name, a, _f64, shape)
+
+
+class SaddleProblem(_core.SaddleProblem):
+    """The saddle problem of Sec. 6 of the paper.
+
+    f_i(x) = x^T H x / 2 + b_i^T x + sum_j x_j^power with H = diag(h), i uniform on n components,
+    so F(x) = x^T H x / 2 + sum_j x_j^power. The b_i have mean exactly zero and covariance
+    exactly ``noise_cov`` (to rounding): they are n normal draws from ``seed``, centred and
+    whitened. With the defaults, x = 0 is a strict saddle (escape direction e_2, curvature
+    -0.1) whose noise in the escape direction is small (variance 0.01).
+
+    Args:
+        h: the Hessian's diagonal at 0 (d >= 1 entries).
+        noise_cov: the noise covariance, (d, d) positive semi-definite, or its diagonal (d,).
+        n: the number of components, >= d + 1.
+        power: the even exponent of the confining term (>= 2).
+        seed: seed of the components.
+
+    Raises:
+        ValueError: for non-finite h, a covariance that is not symmetric positive semi-definite,
+            n < d + 1, or an odd power.
+    """
+
+    def __init__(self, h: Sequence[float] = (1.0, -0.1), noise_cov: Any = (1.0, 0.01),
+                 n: int = 1000, power: int = 10, seed: int = 0) -> None:
+        hv = _real_array("h", h, _f64, (None,))
+        super().__init__(hv, _vector_or_matrix("noise_cov", noise_cov, hv.shape[0]),
+                         _integer("n", n), _integer("power", power), _seed(seed))
+
+
+class ReddiCounterexample(_core.ReddiCounterexample):
+    """The counterexample of Sec. 3.2: F(x) = zeta x on [-1, 1], minimised at x = -1.
+
+    The stochastic gradient is C with probability p = (1 + zeta) / (C + 1) and -1 otherwise, so
+    E[g] = zeta and E[g^2] = p C^2 + 1 - p (``second_moment``). Iterates are projected onto
+    [-1, 1] after every step.
+
+    Raises:
+        ValueError: unless C > 0 and -1 < zeta < C.
+    """
+
+    def __init__(self, C: float, zeta: float) -> None:
+        super().__init__(_real("C", C), _real("zeta", zeta))
+
+
+class NoisyQuadratic(_core.NoisyQuadratic):
+    """F(x) = x^T H x / 2 with Gaussian gradient noise: g = H x + xi, xi ~ N(0, noise_cov).
+
+    Args:
+        H: (d, d) symmetric.
+        noise_cov: (d, d) symmetric positive semi-definite, or its diagonal (d,).
+    """
+
+    def __init__(self, H: Any, noise_cov: Any) -> None:
+        Hm = np.asarray(H)
+        if Hm.ndim != 2:
+            raise ValueError(f"H must have shape (d, d), got shape {Hm.shape}")
+        Hm = _real_array("H", Hm, _f64, (Hm.shape[0], Hm.shape[0]))
+        super().__init__(Hm, _vector_or_matrix("noise_cov", noise_cov, Hm.shape[0]))
+
+
+class LogisticRegression(_core.LogisticRegression):
+    """Softmax regression: x = [W (K x p) row-major, b (K)], dim = K (p + 1).
+
+    F(x) = mean_i CE(softmax(W a_i + b), y_i) + l2 / 2 ||W||^2, evaluated exactly over all rows
+    (for records); a stochastic gradient averages ``batch_size`` rows drawn uniformly with
+    replacement by the run's generator (one epoch = n / batch_size steps).
+
+    Args:
+        X: (n, p) features. y: (n,) integer labels in [0, classes).
+        batch_size: rows per stochastic gradient. l2: the weight penalty (>= 0).
+        classes: K (None: one more than the largest label, at least 2).
+    """
+
+    def __init__(self, X: Any, y: Any, batch_size: int, l2: float = 0.0,
+                 classes: int | None = None) -> None:
+        Xm = np.asarray(X)
+        if Xm.ndim != 2:
+            raise ValueError(f"X must have shape (n, p), got shape {Xm.shape}")
+        Xm = _real_array("X", Xm, _f64, (None, None))
+        ya = np.asarray(y)
+        if ya.dtype.kind not in "iu":
+            raise ValueError(f"y must hold integer labels, got dtype {ya.dtype}")
+        if ya.shape != (Xm.shape[0],):
+            raise ValueError(f"y must have shape ({Xm.shape[0]},), got shape {ya.shape}")
+        super().__init__(Xm, ya.astype(np.int64), _integer("batch_size", batch_size),
+                         _real("l2", l2), 0 if classes is None else _integer("classes", classes))
+
+
+class Oracle(_core.Oracle):
+    """A problem given by Python callables.
+
+    Args:
+        oracle: ``oracle(x, rng) -> g``: a stochastic gradient at x (a copy; shape (dim,)), with
+            rng a numpy Generator owned by the run.
+        dim: the dimension.
+        value: optional ``value(x) -> float`` (F, recorded by runs).
+        gradient: optional ``gradient(x) -> array`` (grad F, recorded by runs).
+
+    The native loop re-acquires the GIL for each call only.
+    """
+
+    def __init__(self, oracle: Callable[[np.ndarray, np.random.Generator], Any], dim: int,
+                 value: Callable[[np.ndarray], float] | None = None,
+                 gradient: Callable[[np.ndarray], Any] | None = None) -> None:
+        for name, fn in (("oracle", oracle), ("value", value), ("gradient", gradient)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
+        if oracle is None:
+            raise ValueError("oracle must be callable, got None")
+        super().__init__(_integer("dim", dim), oracle, value, gradient)
+
+
+def as_problem(problem: Any, dim: int) -> Problem:
+    """A problem unchanged, or a callable ``oracle(x, rng)`` as an :class:`Oracle` of dim."""
+    if isinstance(problem, Problem):
+        return problem
+    if callable(problem):
+        return Oracle(problem, dim)
+    raise ValueError(f"problem must be a saddlescape problem or a callable oracle(x, rng), "
+                     f"got {type(problem).__name__}")

@@ -1,0 +1,235 @@
+"""The native loop: ``run`` (one seed) and ``run_many`` (many seeds on threads).
+
+A run: x = x0; while the optimizer burns in (Algorithm 3) it is fed gradients at x0; then for
+t = 0, ..., steps - 1: g_t = a stochastic gradient at x_t, x_(t+1) = step(x_t, g_t), projected
+onto the problem's feasible set. Records are taken at x_0, after every ``record_every``-th step
+and after the last. The whole loop runs in C++; a Python oracle re-acquires the GIL per call.
+
+Same problem, optimizer settings, x0 and seed give the same result bit for bit (the generator is
+documented in :mod:`saddlescape.problems`), whichever thread runs it.
+
+A gradient or iterate that becomes non-finite stops the run at that step. With
+``on_error="raise"`` (the default) that raises :class:`DivergenceError`, an optimizer's numerical
+failure raises :class:`saddlescape.NumericalError` and its invalid-argument failure (e.g. a
+schedule leaving its range) ``ValueError``; in each case the exception's ``result`` attribute holds
+the records up to the stop. With ``on_error="return"`` the result is returned, its ``status``
+saying what happened.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from saddlescape import _core
+from saddlescape._core import NumericalError
+from saddlescape._validation import integer as _integer
+from saddlescape._validation import real_array as _real_array
+from saddlescape.optimizers import Optimizer
+from saddlescape.problems import as_problem
+
+__all__ = ["DivergenceError", "RunManyResult", "RunResult", "run", "run_many"]
+
+
+class DivergenceError(NumericalError):
+    """A run's gradient or iterate became non-finite. ``result`` holds the records up to the
+    stop and ``step`` the step t at which it happened."""
+
+    def __init__(self, message: str, result: Any, step: int) -> None:
+        super().__init__(message)
+        self.result = result
+        self.step = step
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The records of one run.
+
+    Attributes:
+        t: (R,) the step count of each record (0 is x0).
+        f: (R,) F(x_t), or None if the problem has no value.
+        grad_norm: (R,) ||grad F(x_t)||, or None if the problem has no exact gradient.
+        lambda_min: (R,) the Hessian's smallest eigenvalue, or None if it has no Hessian.
+        x: (R, d) the iterates, or None with record_x=False.
+        x_final: (d,) the iterate where the run ended.
+        status: "completed", "diverged", "numerical" or "invalid".
+        stopped_at: the step at which the run stopped, -1 if it completed.
+        message: why it stopped ("" if it did not).
+        seed: the run's seed.
+    """
+
+    t: np.ndarray
+    f: np.ndarray | None
+    grad_norm: np.ndarray | None
+    lambda_min: np.ndarray | None
+    x: np.ndarray | None
+    x_final: np.ndarray
+    status: str
+    stopped_at: int
+    message: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class RunManyResult:
+    """The records of many runs, stacked: row i is seed ``seeds[i]``. Records after a run
+    stopped are NaN. Attributes as :class:`RunResult`, with a leading seed axis; ``t`` is
+    shared, ``status``, ``stopped_at`` and ``message`` are per seed."""
+
+    t: np.ndarray
+    f: np.ndarray | None
+    grad_norm: np.ndarray | None
+    lambda_min: np.ndarray | None
+    x: np.ndarray | None
+    x_final: np.ndarray
+    status: list[str]
+    stopped_at: np.ndarray
+    message: list[str]
+    seeds: np.ndarray
+
+    def run(self, i: int) -> RunResult:
+        """Seed i's records as a RunResult (NaN rows after a stop included)."""
+        pick = lambda a: None if a is None else a[i]  # noqa: E731
+        return RunResult(self.t, pick(self.f), pick(self.grad_norm), pick(self.lambda_min),
+                         pick(self.x), self.x_final[i], self.status[i], int(self.stopped_at[i]),
+                         self.message[i], int(self.seeds[i]))
+
+
+def _seed(value: Any) -> int:
+    s = _integer("seed", value)
+    if not 0 <= s < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {s}")
+    return s
+
+
+def _check_common(optimizer: Any, x0: Any, steps: Any, record_every: Any, on_error: str):
+    x = _real_array("x0", x0, np.dtype(np.float64), (None,))
+    if x.shape[0] < 1:
+        raise ValueError("x0 must have at least one entry")
+    n = _integer("steps", steps)
+    if n < 0:
+        raise ValueError(f"steps must be >= 0, got {n}")
+    every = _integer("record_every", record_every)
+    if every < 1:
+        raise ValueError(f"record_every must be >= 1, got {every}")
+    if on_error not in ("raise", "return"):
+        raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise ValueError(f"optimizer must be a saddlescape optimizer, got {type(optimizer).__name__}")
+    return x, n, every
+
+
+def _error(status: str, message: str, result: Any, step: int) -> Exception:
+    text = f"the run stopped at step {step}: {message}"
+    if status == "diverged":
+        return DivergenceError(text, result, step)
+    err: Exception = NumericalError(text) if status == "numerical" else ValueError(text)
+    err.result = result  # type: ignore[attr-defined]
+    err.step = step  # type: ignore[attr-defined]
+    return err
+
+
+def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
+        record_every: int = 1, record_x: bool = True, on_error: str = "raise") -> RunResult:
+    """Runs ``optimizer`` on ``problem`` from x0 for ``steps`` steps, natively.
+
+    Args:
+        problem: a problem from :mod:`saddlescape.problems`, or a callable ``oracle(x, rng)``.
+        optimizer: a saddlescape optimizer; it is advanced in place.
+        x0: the start, shape (d,).
+        steps: the number of steps (burn-in steps come on top).
+        seed: the run's seed.
+        record_every: record every this many steps (and always at 0 and at the end).
+        record_x: keep the iterate at each record.
+        on_error: "raise" or "return" (see the module docstring).
+
+    Returns:
+        A :class:`RunResult`.
+    """
+    x, n, every = _check_common(optimizer, x0, steps, record_every, on_error)
+    p = as_problem(problem, x.shape[0])
+    if p.dim != x.shape[0]:
+        raise ValueError(f"x0 has {x.shape[0]} entries but the problem has dim {p.dim}")
+    s = _seed(seed)
+    d = _core.run(p, optimizer._native(p.dim), x, n, s, every, bool(record_x))
+    result = RunResult(seed=s, **d)
+    if result.status != "completed" and on_error == "raise":
+        raise _error(result.status, result.message, result, result.stopped_at)
+    return result
+
+
+def _stack(parts: list[np.ndarray | None], rows: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    if any(p is None for p in parts):
+        return None
+    out = np.full((len(parts), rows) + shape, np.nan)
+    for i, p in enumerate(parts):
+        out[i, : p.shape[0]] = p
+    return out
+
+
+def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, steps: int,
+             seeds: int | Sequence[int], threads: int | None = None, record_every: int = 1,
+             record_x: bool = True, on_error: str = "raise") -> RunManyResult:
+    """Runs one seed per optimizer from ``make_optimizer()``, in parallel native threads.
+
+    Args:
+        problem: as :func:`run`; shared by all threads (problems are immutable).
+        make_optimizer: called once per seed, returning a fresh optimizer.
+        x0, steps, record_every, record_x, on_error: as :func:`run`.
+        seeds: a count n (seeds 0..n-1) or a sequence of seeds.
+        threads: worker threads (default: the machine's CPU count).
+
+    Returns:
+        A :class:`RunManyResult`; seed i's records equal ``run(..., seed=seeds[i])``'s.
+        With on_error="raise", the first seed that stopped raises, with the stacked result.
+    """
+    x, n, every = _check_common(None, x0, steps, record_every, on_error)
+    p = as_problem(problem, x.shape[0])
+    if p.dim != x.shape[0]:
+        raise ValueError(f"x0 has {x.shape[0]} entries but the problem has dim {p.dim}")
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        count = _integer("seeds", seeds)
+        if count < 1:
+            raise ValueError(f"seeds must be >= 1 (a count) or a sequence of seeds, got {count}")
+        seed_list = list(range(count))
+    else:
+        seed_list = [_seed(s) for s in seeds]
+        if not seed_list:
+            raise ValueError("seeds must not be empty")
+    nthreads = (os.cpu_count() or 1) if threads is None else _integer("threads", threads)
+    if nthreads < 1:
+        raise ValueError(f"threads must be >= 1, got {nthreads}")
+    if not callable(make_optimizer):
+        raise ValueError("make_optimizer must be a callable returning a fresh optimizer")
+    opts = []
+    for _ in seed_list:
+        o = make_optimizer()
+        if not isinstance(o, Optimizer):
+            raise ValueError(f"make_optimizer must return a saddlescape optimizer, got {type(o).__name__}")
+        opts.append(o._native(p.dim))
+    if len({id(o) for o in opts}) != len(opts):
+        raise ValueError("make_optimizer returned the same optimizer twice; each seed needs its own")
+    outs = _core.run_many(p, opts, x, n, seed_list, every, bool(record_x), nthreads)
+    t = np.unique(np.r_[np.arange(0, n + 1, every), n]).astype(np.int64)
+    R, dim = t.shape[0], p.dim
+    result = RunManyResult(
+        t=t,
+        f=_stack([o["f"] for o in outs], R, ()),
+        grad_norm=_stack([o["grad_norm"] for o in outs], R, ()),
+        lambda_min=_stack([o["lambda_min"] for o in outs], R, ()),
+        x=_stack([o["x"] for o in outs], R, (dim,)),
+        x_final=np.stack([o["x_final"] for o in outs]),
+        status=[o["status"] for o in outs],
+        stopped_at=np.array([o["stopped_at"] for o in outs], dtype=np.int64),
+        message=[o["message"] for o in outs],
+        seeds=np.array(seed_list, dtype=np.uint64),
+    )
+    if on_error == "raise":
+        for i, o in enumerate(outs):
+            if o["status"] != "completed":
+                raise _error(o["status"], f"seed {seed_list[i]}: {o['message']}", result,
+                             o["stopped_at"])
+    return result
