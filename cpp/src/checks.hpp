@@ -38,10 +38,9 @@ void check_finite(const T* x, std::ptrdiff_t rows, std::ptrdiff_t cols, std::str
   if (!all_finite(x, rows * cols)) report_non_finite(x, rows, cols, name, vector);
 }
 
-/// max_i |x_i| in one vectorisable pass, or throws invalid_argument naming the first
-/// non-finite entry of the vector `name`.
+/// max_i |x_i| in one vectorisable pass; `finite` says whether every entry was.
 template <class T>
-T checked_max_abs(const T* x, std::ptrdiff_t n, std::string_view name) {
+T max_abs(const T* x, std::ptrdiff_t n, bool& finite) {
   bool ok = true;
   T m = T(0);
   for (std::ptrdiff_t i = 0; i < n; ++i) {
@@ -49,7 +48,7 @@ T checked_max_abs(const T* x, std::ptrdiff_t n, std::string_view name) {
     ok &= (a - a == T(0));  // false for NaN and Inf
     m = a > m ? a : m;
   }
-  if (!ok) report_non_finite(x, 1, n, name, true);
+  finite = ok;
   return m;
 }
 

@@ -48,6 +48,17 @@ void SADDLESCAPE_FORTRAN(dgemm)(const char* transa, const char* transb, const in
 void SADDLESCAPE_FORTRAN(dgemv)(const char* trans, const int* m, const int* n, const double* alpha,
                                 const double* a, const int* lda, const double* x, const int* incx,
                                 const double* beta, double* y, const int* incy, std::size_t);
+void SADDLESCAPE_FORTRAN(dsytrd)(const char* uplo, const int* n, double* a, const int* lda,
+                                 double* d, double* e, double* tau, double* work,
+                                 const int* lwork, int* info, std::size_t);
+void SADDLESCAPE_FORTRAN(dormtr)(const char* side, const char* uplo, const char* trans,
+                                 const int* m, const int* n, const double* a, const int* lda,
+                                 const double* tau, double* c, const int* ldc, double* work,
+                                 const int* lwork, int* info, std::size_t, std::size_t,
+                                 std::size_t);
+void SADDLESCAPE_FORTRAN(dstedc)(const char* compz, const int* n, double* d, double* e,
+                                 double* z, const int* ldz, double* work, const int* lwork,
+                                 int* iwork, const int* liwork, int* info, std::size_t);
 void SADDLESCAPE_FORTRAN(sgemm)(const char* transa, const char* transb, const int* m,
                                 const int* n, const int* k, const float* alpha, const float* a,
                                 const int* lda, const float* b, const int* ldb,
@@ -125,6 +136,35 @@ inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float
                  const float* b, int ldb, float beta, float* c, int ldc) {
   SADDLESCAPE_FORTRAN(sgemm)(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc, 1,
                              1);
+}
+
+/// Reduces the symmetric A (lower triangle, column-major) to tridiagonal form Q^T A Q = T.
+inline int sytrd_lower(int n, double* a, double* d, double* e, double* tau, double* work,
+                       int lwork) {
+  const char uplo = 'L';
+  int info = 0;
+  SADDLESCAPE_FORTRAN(dsytrd)(&uplo, &n, a, &n, d, e, tau, work, &lwork, &info, 1);
+  return info;
+}
+
+/// C (n x k, column-major) <- Q C (trans 'N') or Q^T C (trans 'T'), Q from sytrd_lower.
+inline int ormtr_left_lower(char trans, int n, int k, const double* a, const double* tau,
+                            double* c, double* work, int lwork) {
+  const char side = 'L', uplo = 'L';
+  int info = 0;
+  SADDLESCAPE_FORTRAN(dormtr)(&side, &uplo, &trans, &n, &k, a, &n, tau, c, &n, work, &lwork,
+                              &info, 1, 1, 1);
+  return info;
+}
+
+/// Eigenvalues (ascending, in d) and eigenvectors (z, column-major) of the tridiagonal
+/// matrix with diagonal d and off-diagonal e, by divide and conquer.
+inline int stedc_vectors(int n, double* d, double* e, double* z, double* work, int lwork,
+                         int* iwork, int liwork) {
+  const char compz = 'I';
+  int info = 0;
+  SADDLESCAPE_FORTRAN(dstedc)(&compz, &n, d, e, z, &n, work, &lwork, iwork, &liwork, &info, 1);
+  return info;
 }
 
 /// y = alpha * op(A) x + beta * y, A column-major m x n.

@@ -3,6 +3,8 @@
 #include "checks.hpp"
 #include "lapack.hpp"
 #include "multiversion.hpp"
+#include "parallel.hpp"
+#include "tridiagonal.hpp"
 
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
@@ -168,7 +170,26 @@ optimizer::optimizer(index_t dim) : dim_(dim) {
 }
 
 void optimizer::check_gradient(const double* g) {
-  gmax_ = detail::checked_max_abs(g, dim_, "g");
+  if (dim_ < detail::parallel_threshold) {  // the common case, without allocation
+    bool ok = true;
+    gmax_ = detail::max_abs(g, dim_, ok);
+    if (!ok) detail::report_non_finite(g, 1, dim_, "g", true);
+    return;
+  }
+  std::vector<double> part(detail::pass_threads(), 0.0);
+  std::vector<char> finite(part.size(), 1);
+  const unsigned parts = detail::parallel_chunks(
+      dim_, [&](unsigned k, index_t begin, index_t end) {
+        bool ok = true;
+        part[k] = detail::max_abs(g + begin, end - begin, ok);
+        finite[k] = ok;
+      });
+  double m = 0.0;
+  for (unsigned k = 0; k < parts; ++k) {
+    if (!finite[k]) detail::report_non_finite(g, 1, dim_, "g", true);
+    m = std::max(m, part[k]);
+  }
+  gmax_ = m;
 }
 
 void optimizer::step(double* x, const double* g, sampler* source) {
@@ -331,6 +352,10 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
     est_ = std::make_unique<ema_estimator<double>>(dim, beta_, opts_.layout, opts_.block_sizes,
                                                    false, lowrank ? 1 : opts_.refresh_every);
     if (lowrank) lowrank_ = std::make_unique<lowrank_state>(dim, opts_.refresh_every);
+    // Exact every step: no factorisation to reuse, so the eigenvectors are never formed.
+    if (!lowrank && opts_.layout == structure::full && opts_.refresh_every == 1 &&
+        dim > small_matrix_limit)
+      tridiagonal_ = std::make_unique<detail::tridiagonal_apply>(dim);
   }
   dir_.resize(static_cast<std::size_t>(dim));
 }
@@ -435,10 +460,11 @@ void rmsprop::move(double* x, const double* g, double lr, sampler*) {
   if (opts_.layout == structure::diag) {
     const double b = beta_at(*beta_, own_updates_);
     check_square_fits(gmax_, "RMSProp");
-    if (opts_.form == root_form::adam)
-      rmsprop_diag_adam(dim_, b, 1.0 - b, lr, opts_.eps, g, v_.data(), x);
-    else
-      rmsprop_diag_inv_sqrt(dim_, b, 1.0 - b, lr, opts_.eps, g, v_.data(), x);
+    const auto kernel = opts_.form == root_form::adam ? rmsprop_diag_adam : rmsprop_diag_inv_sqrt;
+    double* v = v_.data();
+    detail::parallel_chunks(dim_, [&](unsigned, index_t i, index_t end) {
+      kernel(end - i, b, 1.0 - b, lr, opts_.eps, g + i, v + i, x + i);
+    });
     ++own_updates_;
     return;
   }
@@ -447,6 +473,9 @@ void rmsprop::move(double* x, const double* g, double lr, sampler*) {
     closed_form_2x2(g2_, spec_, g, dir_.data());
   } else if (lowrank_) {
     lowrank_direction(g);
+  } else if (tridiagonal_) {
+    est_->estimate(tridiagonal_->matrix());
+    tridiagonal_->apply(spec_, g, dir_.data(), "the estimate G_t");
   } else {
     est_->apply(spec_, g, dir_.data());
   }
@@ -606,8 +635,11 @@ void adam::move(double* x, const double* g, double lr, sampler*) {
     const double b = beta_at(*beta2_, updates_);
     check_square_fits(gmax_, "Adam");
     const double product = beta2_product_ * b;
-    adam_diag(dim_, beta1_, b, lr / m_correction, 1.0 / (1.0 - product), opts_.eps,
-              opts_.form == root_form::adam, g, m_.data(), v_.data(), x);
+    double *m = m_.data(), *v = v_.data();
+    detail::parallel_chunks(dim_, [&](unsigned, index_t i, index_t end) {
+      adam_diag(end - i, beta1_, b, lr / m_correction, 1.0 / (1.0 - product), opts_.eps,
+                opts_.form == root_form::adam, g + i, m + i, v + i, x + i);
+    });
     beta2_product_ = product;
     ++updates_;
     return;

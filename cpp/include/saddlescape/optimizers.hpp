@@ -169,6 +169,10 @@ struct rmsprop_options {
 };
 
 /// Algorithms 2 and 3. See the file comment for the exact rule.
+namespace detail {
+class tridiagonal_apply;
+}
+
 class rmsprop final : public optimizer {
  public:
   /// @throws invalid_argument for dim < 1, a null schedule, eps <= 0 or not finite, burn_in < 0,
@@ -206,6 +210,7 @@ class rmsprop final : public optimizer {
   std::vector<double> v_;                            // diag: the estimate
   std::unique_ptr<ema_estimator<double>> est_;       // full, block
   std::unique_ptr<lowrank_state> lowrank_;
+  std::unique_ptr<detail::tridiagonal_apply> tridiagonal_;  // full, exact, d > 48
   std::vector<double> dir_;
 };
 
