@@ -379,6 +379,7 @@ logistic_regression::logistic_regression(std::vector<double> X, index_t n, index
   const std::int64_t lo = *std::min_element(y_.begin(), y_.end());
   const std::int64_t hi = *std::max_element(y_.begin(), y_.end());
   SADDLESCAPE_EXPECTS(lo >= 0, "labels must be >= 0, got ", lo);
+  SADDLESCAPE_EXPECTS(hi < (std::int64_t(1) << 31), "labels must be < 2^31, got ", hi);
   if (k_ == 0) k_ = std::max<index_t>(2, static_cast<index_t>(hi) + 1);
   SADDLESCAPE_EXPECTS(k_ >= 2, "classes must be >= 2, got ", k_);
   SADDLESCAPE_EXPECTS(hi < k_, "labels must be < classes = ", k_, ", got ", hi);

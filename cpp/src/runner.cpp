@@ -102,9 +102,14 @@ run_result run(const problem& p, optimizer& opt, const double* x0, const run_opt
     return true;
   };
 
-  while (opt.burn_in_remaining() > 0)
-    if (!gradient_ok(0) || !step_ok(0)) return r;
+  // x0 is recorded first: burn-in leaves x where it is, and a failure during burn-in
+  // (reported at step 0, the message saying so) then keeps that record.
   record(0, x);
+  for (std::int64_t k = 0; opt.burn_in_remaining() > 0; ++k)
+    if (!gradient_ok(0) || !step_ok(0)) {
+      r.message = detail::concat("during burn-in (sample ", k, "): ", r.message);
+      return r;
+    }
   for (std::int64_t t = 0; t < o.steps; ++t) {
     if (!gradient_ok(t) || !step_ok(t)) return r;
     src->project(x);

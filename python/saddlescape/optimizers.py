@@ -59,6 +59,10 @@ class Optimizer:
     def _make(self, dim: int) -> _core.Optimizer:
         raise NotImplementedError
 
+    def _parts(self) -> list[Any]:
+        """The native objects this optimizer steps (itself, and a SaddleEscape's base)."""
+        return [self._native_obj]
+
     def _native(self, dim: int) -> _core.Optimizer:
         if self._native_obj is None:
             self._native_obj = self._make(_dim(dim))
@@ -280,6 +284,9 @@ class SaddleEscape(Optimizer):
 
     def _make(self, dim: int) -> _core.Optimizer:
         return _core.SaddleEscape(self._base._native(dim), self._r, self._t_thresh, self._hallucinate)
+
+    def _parts(self) -> list[Any]:
+        return [self._native_obj] + self._base._parts()
 
     @property
     def burn_in_remaining(self) -> int:

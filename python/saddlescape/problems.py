@@ -80,6 +80,17 @@ class SaddleProblem(_core.SaddleProblem):
         super().__init__(hv, _vector_or_matrix("noise_cov", noise_cov, hv.shape[0]),
                          _integer("n", n), _integer("power", power), _seed(seed))
 
+    @staticmethod
+    def from_components(h: Sequence[float], b: Any, power: int = 10) -> _core.SaddleProblem:
+        """The saddle problem with explicit components b, shape (n, d), used as given.
+
+        F then keeps the term mean(b)^T x if the b_i do not have mean zero, and ``noise_cov``
+        is their covariance about that mean.
+        """
+        hv = _real_array("h", h, _f64, (None,))
+        bm = _real_array("b", b, _f64, (None, hv.shape[0]))
+        return _core.SaddleProblem.from_components(hv, bm, _integer("power", power))
+
 
 class ReddiCounterexample(_core.ReddiCounterexample):
     """The counterexample of Sec. 3.2: F(x) = zeta x on [-1, 1], minimised at x = -1.
@@ -134,6 +145,8 @@ class LogisticRegression(_core.LogisticRegression):
         ya = np.asarray(y)
         if ya.dtype.kind not in "iu":
             raise ValueError(f"y must hold integer labels, got dtype {ya.dtype}")
+        if ya.size and ya.max() >= 2**31:  # before int64 conversion could wrap a uint64
+            raise ValueError(f"labels must be < 2**31, got {ya.max()}")
         if ya.shape != (Xm.shape[0],):
             raise ValueError(f"y must have shape ({Xm.shape[0]},), got shape {ya.shape}")
         super().__init__(Xm, ya.astype(np.int64), _integer("batch_size", batch_size),

@@ -204,14 +204,18 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         raise ValueError(f"threads must be >= 1, got {nthreads}")
     if not callable(make_optimizer):
         raise ValueError("make_optimizer must be a callable returning a fresh optimizer")
-    opts = []
+    opts, parts = [], []
     for _ in seed_list:
         o = make_optimizer()
         if not isinstance(o, Optimizer):
             raise ValueError(f"make_optimizer must return a saddlescape optimizer, got {type(o).__name__}")
         opts.append(o._native(p.dim))
+        parts += o._parts()
     if len({id(o) for o in opts}) != len(opts):
         raise ValueError("make_optimizer returned the same optimizer twice; each seed needs its own")
+    if len({id(o) for o in parts}) != len(parts):
+        raise ValueError("make_optimizer returned optimizers that share state (SaddleEscapes over "
+                         "one base); each seed needs its own")
     outs = _core.run_many(p, opts, x, n, seed_list, every, bool(record_x), nthreads)
     t = np.unique(np.r_[np.arange(0, n + 1, every), n]).astype(np.int64)
     R, dim = t.shape[0], p.dim

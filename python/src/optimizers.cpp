@@ -105,7 +105,13 @@ class py_problem final : public problem {
     py::gil_scoped_acquire gil;
     darray xa(d_);
     std::copy(x, x + d_, xa.mutable_data());
-    return value_->obj(xa).cast<double>();
+    const py::object r = value_->obj(xa);
+    try {
+      return r.cast<double>();
+    } catch (const py::cast_error&) {
+      throw invalid_argument("value must return a real number, got " +
+                             std::string(py::str(r.get_type())));
+    }
   }
   bool has_gradient() const noexcept override { return !gradient_->obj.is_none(); }
   void gradient(const double* x, double* g) const override {
@@ -246,6 +252,9 @@ void bind_problems(py::module_& m) {
       .def_static(
           "from_components",
           [](const py::array& h, const py::array& b, int power) {
+            SADDLESCAPE_EXPECTS(h.ndim() == 1, "h must have shape (d,), got ", shape_string(h));
+            SADDLESCAPE_EXPECTS(b.ndim() == 2 && b.shape(1) == h.shape(0), "b must have shape (n, ",
+                                h.shape(0), "), got ", shape_string(b));
             return std::make_shared<saddle_problem>(
                 saddle_problem::from_components(flat(h, "h"), flat(b, "b"), power));
           },

@@ -958,11 +958,10 @@ def test_run_many_rejects_the_same_optimizer_twice():
 
 def test_run_many_rejects_optimizers_sharing_one_saddle_escape_base():
     # SaddleEscape uses its base "not copied"; two wrappers around one base are one optimizer
-    # state stepped by two seeds (and by two threads at once with threads > 1). run_many checks
-    # for shared optimizers but only compares the outer objects.
+    # state stepped by two seeds (and by two threads at once with threads > 1).
     q = _q2()
     base = ss.RMSProp(2, 0.01, structure="diag")
-    with pytest.raises(ValueError, match="same"):
+    with pytest.raises(ValueError, match="share state"):
         ss.run_many(q, lambda: ss.SaddleEscape(base, 0.1, 5), np.zeros(2), 10, 3, threads=1)
 
 

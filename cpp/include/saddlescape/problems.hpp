@@ -81,8 +81,8 @@ class saddle_problem final : public problem {
   saddle_problem(std::vector<double> h, std::vector<double> noise_cov, index_t n = 1000,
                  int power = 10, std::uint64_t seed = 0);
   /// The same problem with explicit components b (n x d row-major, n >= 1), used as given;
-  /// noise_cov() is then their second moment (1/n) sum_i b_i b_i^T, and F keeps the term
-  /// mean(b)^T x when the b_i do not have mean zero.
+  /// noise_cov() is then their covariance about their mean, and F keeps the term mean(b)^T x
+  /// when the b_i do not have mean zero.
   static saddle_problem from_components(std::vector<double> h, std::vector<double> b,
                                         int power = 10);
 
