@@ -30,6 +30,16 @@ void check_eps(double eps) {
   SADDLESCAPE_EXPECTS(std::isfinite(eps) && eps > 0.0, "eps must be finite and > 0, got ", eps);
 }
 
+// A constant beta is checked when the optimizer is built, whatever its structure; a schedule
+// is checked at each step it is used.
+schedule_ptr checked_beta(schedule_ptr s, const char* name) {
+  s = require(std::move(s), name);
+  if (const auto* c = dynamic_cast<const constant_schedule*>(s.get()))
+    SADDLESCAPE_EXPECTS(c->value() >= 0.0 && c->value() < 1.0, name, " must be in [0, 1), got ",
+                        c->value());
+  return s;
+}
+
 double beta_at(const schedule& beta, std::int64_t t) {
   const double b = beta(t);
   SADDLESCAPE_EXPECTS(b >= 0.0 && b < 1.0, "beta must be in [0, 1), got beta_t = ", b,
@@ -324,7 +334,7 @@ struct rmsprop::lowrank_state {
 };
 
 rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_options opts)
-    : optimizer(dim), lr_(require(std::move(lr), "lr")), beta_(require(std::move(beta), "beta")),
+    : optimizer(dim), lr_(require(std::move(lr), "lr")), beta_(checked_beta(std::move(beta), "beta")),
       opts_(std::move(opts)), spec_{2, opts_.eps, opts_.form} {
   check_eps(opts_.eps);
   SADDLESCAPE_EXPECTS(opts_.burn_in >= 0, "burn_in must be >= 0, got ", opts_.burn_in);
@@ -400,6 +410,7 @@ void rmsprop::update_estimate(const double* g) {
     g2_[0] = n0;
     g2_[1] = n1;
     g2_[2] = n2;
+    g2_beta_product_ *= b;
     ++own_updates_;
     return;
   }
@@ -555,7 +566,7 @@ void rmsprop::save_extra(optimizer_state& st) const {
     st.arrays["S"] = {g2_[0], g2_[1], g2_[1], g2_[2]};
     st.scalars["estimate.steps"] = static_cast<double>(own_updates_);
     st.scalars["estimate.scale"] = 1.0;
-    st.scalars["estimate.beta_product"] = 1.0;
+    st.scalars["estimate.beta_product"] = g2_beta_product_;
   } else {
     save_estimator(*est_, st);
   }
@@ -572,13 +583,17 @@ void rmsprop::load_extra(const optimizer_state& st) {
     own_updates_ = n;
   } else if (closed_2x2_) {
     const auto s = read_estimator(st, 4);
-    // Only the lower triangle is meaningful, as in ema_estimator's state.
-    const double n0 = s.scale * s.data[0], n1 = s.scale * s.data[2], n2 = s.scale * s.data[3];
-    SADDLESCAPE_EXPECTS(n0 >= 0.0 && n2 >= 0.0 && std::isfinite(n1),
-                        "the state's estimate must be positive semi-definite");
+    // ema_estimator's layout: only the column-major lower triangle (entries 0, 1, 3) is
+    // meaningful.
+    const double n0 = s.scale * s.data[0], n1 = s.scale * s.data[1], n2 = s.scale * s.data[3];
+    const double tol = clip_tolerance<double>(2) * std::max(n0, n2) * std::max(n0, n2);
+    SADDLESCAPE_EXPECTS(n0 >= 0.0 && n2 >= 0.0 && std::isfinite(n1) && n0 * n2 - n1 * n1 >= -tol,
+                        "the state's estimate must be positive semi-definite, got [[", n0, ", ",
+                        n1, "], [", n1, ", ", n2, "]]");
     g2_[0] = n0;
     g2_[1] = n1;
     g2_[2] = n2;
+    g2_beta_product_ = s.beta_product;
     own_updates_ = s.steps;
   } else {
     est_->load(read_estimator(st, static_cast<std::size_t>(est_->estimate_size())));
@@ -591,7 +606,7 @@ void rmsprop::load_extra(const optimizer_state& st) {
 
 adam::adam(index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, adam_options opts)
     : optimizer(dim), lr_(require(std::move(lr), "lr")),
-      beta2_(require(std::move(beta2), "beta2")), beta1_(beta1), opts_(std::move(opts)),
+      beta2_(checked_beta(std::move(beta2), "beta2")), beta1_(beta1), opts_(std::move(opts)),
       spec_{2, opts_.eps, opts_.form} {
   SADDLESCAPE_EXPECTS(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
   check_eps(opts_.eps);
@@ -736,6 +751,9 @@ void saddle_escape::do_step(double* x, const double* g, sampler* source) {
     std::copy(x, x + dim_, x_prev_.begin());
     base_->step_with_lr(x, g, r_, source);
     if (source) source->project(x);
+    // The step has happened: count it before the samples, which may fail (x has moved then).
+    ++moves_;
+    ++steps_;
     for (std::int64_t k = 1; k <= hallucinate_; ++k) {
       const double s = static_cast<double>(k) / static_cast<double>(hallucinate_);
       for (index_t i = 0; i < dim_; ++i) point_[i] = x_prev_[i] + s * (x[i] - x_prev_[i]);
@@ -745,6 +763,7 @@ void saddle_escape::do_step(double* x, const double* g, sampler* source) {
                                    " on the large step at t = ", t, " is not finite");
       base_->observe(g_extra_.data());
     }
+    return;
   }
   ++moves_;
   ++steps_;
@@ -771,7 +790,8 @@ void saddle_escape::load_extra(const optimizer_state& st) {
   for (const auto& [name, value] : st.scalars)
     if (name.rfind("base.", 0) == 0 && name.rfind("base.kind_is_", 0) != 0)
       b.scalars[name.substr(5)] = value;
-  SADDLESCAPE_EXPECTS(st.scalars.count("base.kind_is_" + b.kind) == 1,
+  const auto marker = st.scalars.find("base.kind_is_" + b.kind);
+  SADDLESCAPE_EXPECTS(marker != st.scalars.end() && marker->second == 1.0,
                       "the state's base is not a ", b.kind, " optimizer");
   base_->load_state_dict(b);
 }

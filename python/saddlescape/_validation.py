@@ -10,7 +10,7 @@ import numpy as np
 
 def real(name: str, value: Any) -> float:
     """value as a Python float; bools, strings and other non-numbers are a ValueError."""
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_, str, bytes)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     try:
         return float(value)

@@ -118,7 +118,12 @@ class Optimizer:
         self._native(x.shape[0]).step(x, ga, source)
 
     def state_dict(self) -> dict[str, Any]:
-        """The complete state: ``{"kind", "arrays": {name: array}, "scalars": {name: float}}``."""
+        """The state: ``{"kind", "arrays": {name: array}, "scalars": {name: float}}``.
+
+        Loading it continues the run bit for bit, except that a cached factorisation is not
+        saved: with refresh_every > 1 a loaded optimizer refactors the loaded estimate at its
+        next step (solver "lowrank": the directions then differ only by rounding).
+        """
         return self._native(self._require_dim()).state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -77,6 +77,11 @@ class optimizer {
   /// rules without an estimate. @throws invalid_argument for a non-finite g (state unchanged).
   void observe(const double* g);
 
+  /// The state: counters, moments and estimates. A cached factorisation is not part of it: an
+  /// optimizer that reuses one (refresh_every > 1) refactors the loaded estimate when it next
+  /// needs a direction, so its continuation departs from the uninterrupted run's until that
+  /// run's next refresh (solver lowrank: only by rounding, within tol). Everything else
+  /// continues bit for bit.
   optimizer_state state_dict() const;
   /// @throws invalid_argument (naming the field) for a state of another kind or shape, or with
   ///   non-finite entries; the optimizer is then unchanged.
@@ -207,6 +212,7 @@ class rmsprop final : public optimizer {
   std::int64_t own_updates_ = 0;
   bool closed_2x2_ = false;
   double g2_[3] = {0.0, 0.0, 0.0};                   // closed form: G = [g0 g1; g1 g2]
+  double g2_beta_product_ = 1.0;                     // closed form: prod beta_t, as saved
   std::vector<double> v_;                            // diag: the estimate
   std::unique_ptr<ema_estimator<double>> est_;       // full, block
   std::unique_ptr<lowrank_state> lowrank_;
