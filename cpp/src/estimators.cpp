@@ -303,6 +303,7 @@ void ema_estimator<T>::estimate(T* out) const {
 template <class T>
 void ema_estimator<T>::refresh_factors() {
   if (cache_.factored_at >= 0 && steps_ - cache_.factored_at < refresh_every_) return;
+  const bool resumed = cache_.factored_at < 0 && resume_from_ >= 0 && resume_from_ <= steps_;
   cache_.factored_at = -1;
   if (cache_.roots.size() != blocks_.size()) {
     // Built aside and moved in, so that a throw (bad_alloc) never leaves a partial cache.
@@ -322,7 +323,10 @@ void ema_estimator<T>::refresh_factors() {
                                          ? std::string("the estimate")
                                          : concat("block ", b, " of the estimate"));
   }
-  cache_.factored_at = steps_;
+  // A loaded estimator keeps the saved refresh schedule, so that it refactors when the saved
+  // one would have (its first factorisation replaces one it does not have).
+  cache_.factored_at = resumed ? steps_ - (steps_ - resume_from_) % refresh_every_ : steps_;
+  resume_from_ = -1;
 }
 
 template <class T>
@@ -356,12 +360,16 @@ void ema_estimator<T>::apply(const root_spec& spec, const T* v, T* out) {
 
 template <class T>
 typename ema_estimator<T>::state ema_estimator<T>::save() const {
-  return state{steps_, scale_, beta_product_, std::vector<T>(data_.begin(), data_.end())};
+  return state{steps_, scale_, beta_product_, std::vector<T>(data_.begin(), data_.end()),
+               cache_.factored_at >= 0 ? cache_.factored_at : resume_from_};
 }
 
 template <class T>
 void ema_estimator<T>::load(const state& st) {
   SADDLESCAPE_EXPECTS(st.steps >= 0, "state steps must be >= 0, got ", st.steps);
+  SADDLESCAPE_EXPECTS(st.factored_at >= -1 && st.factored_at <= st.steps,
+                      "state factored_at must be in [-1, steps = ", st.steps, "], got ",
+                      st.factored_at);
   SADDLESCAPE_EXPECTS(std::isfinite(st.scale) && st.scale > 0 && st.scale <= 1,
                       "state scale must be in (0, 1], got ", st.scale);
   SADDLESCAPE_EXPECTS(st.beta_product >= 0 && st.beta_product <= 1,
@@ -386,6 +394,7 @@ void ema_estimator<T>::load(const state& st) {
   bound_ = 0.0;
   for (const T x : data_) bound_ = std::max(bound_, std::abs(static_cast<double>(x)));
   cache_.factored_at = -1;
+  resume_from_ = st.factored_at;
 }
 
 // ------------------------------------------------------------------------------------------

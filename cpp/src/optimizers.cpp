@@ -81,6 +81,7 @@ void save_estimator(const ema_estimator<double>& est, optimizer_state& st) {
   st.scalars["estimate.steps"] = static_cast<double>(s.steps);
   st.scalars["estimate.scale"] = s.scale;
   st.scalars["estimate.beta_product"] = s.beta_product;
+  st.scalars["estimate.factored_at"] = static_cast<double>(s.factored_at);
 }
 
 ema_estimator<double>::state read_estimator(const optimizer_state& st, std::size_t size) {
@@ -89,6 +90,13 @@ ema_estimator<double>::state read_estimator(const optimizer_state& st, std::size
   s.steps = state_count(st, "estimate.steps");
   s.scale = state_scalar(st, "estimate.scale");
   s.beta_product = state_scalar(st, "estimate.beta_product");
+  // Optional: a state from the closed-form 2 x 2 path has no factorisation schedule.
+  if (st.scalars.count("estimate.factored_at")) {
+    const double f = state_scalar(st, "estimate.factored_at");
+    SADDLESCAPE_EXPECTS(f == std::floor(f) && f >= -1.0 && f <= 9007199254740992.0,
+                        "the state's 'estimate.factored_at' must be an integer >= -1, got ", f);
+    s.factored_at = static_cast<std::int64_t>(f);
+  }
   return s;
 }
 

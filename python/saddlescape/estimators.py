@@ -189,9 +189,11 @@ class EMAEstimator:
 
         The estimate is stored raw (G = scale * S, only the lower triangles of S meaningful), so
         that an estimator loaded from it continues bit for bit. The beta schedule is
-        configuration, not state: construct the new estimator with the same one.
+        configuration, not state: construct the new estimator with the same one. The cached
+        factorisation is not saved, only when it was made ("factored_at"): a loaded estimator
+        factors at its first use and then refreshes on the saved schedule.
         """
-        steps, scale, beta_product, data = self._impl.save()
+        steps, scale, beta_product, data, factored_at = self._impl.save()
         return {
             "version": np.array(STATE_VERSION),
             "structure": np.array(self.structure),
@@ -202,6 +204,7 @@ class EMAEstimator:
             "scale": np.array(scale, dtype=np.float64),
             "beta_product": np.array(beta_product, dtype=np.float64),
             "data": data,
+            "factored_at": np.array(factored_at, dtype=np.int64),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,7 +232,8 @@ class EMAEstimator:
         if data.dtype != self._dtype:
             raise ValueError(f"state data has dtype {data.dtype}, this estimator has {self._dtype}")
         self._impl.load(integer("steps", int(state["steps"])), real("scale", state["scale"]),
-                        real("beta_product", state["beta_product"]), np.ascontiguousarray(data))
+                        real("beta_product", state["beta_product"]), np.ascontiguousarray(data),
+                        integer("factored_at", int(state.get("factored_at", -1))))
 
     def __repr__(self) -> str:
         return (f"EMAEstimator(dim={self.dim}, structure={self.structure!r}, beta={self.beta!r}, "

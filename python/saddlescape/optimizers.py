@@ -121,8 +121,10 @@ class Optimizer:
         """The state: ``{"kind", "arrays": {name: array}, "scalars": {name: float}}``.
 
         Loading it continues the run bit for bit, except that a cached factorisation is not
-        saved: with refresh_every > 1 a loaded optimizer refactors the loaded estimate at its
-        next step (solver "lowrank": the directions then differ only by rounding).
+        saved, only when it was made: with refresh_every > 1 a loaded optimizer factors the
+        loaded estimate at its next step, then refreshes on the saved schedule, so its
+        directions agree with the uninterrupted run's again from that run's next refresh
+        (solver "lowrank": they differ only by rounding).
         """
         return self._native(self._require_dim()).state_dict()
 

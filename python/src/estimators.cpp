@@ -117,20 +117,21 @@ void bind_ema(py::module_& m, const char* name) {
              const auto st = e.save();
              c_array<T> data(static_cast<py::ssize_t>(st.data.size()));
              std::copy(st.data.begin(), st.data.end(), data.mutable_data());
-             return py::make_tuple(st.steps, st.scale, st.beta_product, data);
+             return py::make_tuple(st.steps, st.scale, st.beta_product, data, st.factored_at);
            })
       .def(
           "load",
           [](est& e, std::int64_t steps, double scale, double beta_product,
-             const py::array& data) {
+             const py::array& data, std::int64_t factored_at) {
             SADDLESCAPE_EXPECTS(data.ndim() == 1, "state data must be 1-D, got shape ",
                                 shape_string(data));
             const auto a = typed<T>(data, "state data");
             typename est::state st{steps, scale, beta_product,
-                                   std::vector<T>(a.data(), a.data() + a.size())};
+                                   std::vector<T>(a.data(), a.data() + a.size()), factored_at};
             e.load(st);
           },
-          py::arg("steps"), py::arg("scale"), py::arg("beta_product"), py::arg("data"));
+          py::arg("steps"), py::arg("scale"), py::arg("beta_product"), py::arg("data"),
+          py::arg("factored_at") = -1);
 }
 
 template <class T>

@@ -748,7 +748,7 @@ def test_state_round_trip_continues_bit_identically(structure, dtype, beta, bias
         a.update(g)
     state = a.state_dict()
     assert set(state) == {"version", "structure", "dim", "block_sizes", "bias_correction", "steps",
-                          "scale", "beta_product", "data"}
+                          "scale", "beta_product", "data", "factored_at"}
     assert all(isinstance(v, np.ndarray) for v in state.values())
     assert int(state["version"]) == 1 and str(state["structure"]) == structure
     assert int(state["dim"]) == d and int(state["steps"]) == 60

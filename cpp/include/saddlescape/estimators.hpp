@@ -103,6 +103,10 @@ class ema_estimator {
     double scale = 1.0;
     double beta_product = 1.0;  ///< prod_t beta_t, for the bias correction
     std::vector<T> data;
+    /// The update count of the last factorisation (-1: none). The factorisation itself is not
+    /// saved: a loaded estimator factors at its first use, then refreshes on the saved
+    /// schedule (at factored_at + m * refresh_every), as the saved one would have.
+    std::int64_t factored_at = -1;
   };
   state save() const;
   /// Restores a state from save() of an estimator of the same dim, structure and blocks.
@@ -152,6 +156,7 @@ class ema_estimator {
     factor_cache& operator=(factor_cache&&) noexcept = default;
   };
   factor_cache cache_;
+  std::int64_t resume_from_ = -1;  // after load(): the saved factored_at, to keep its schedule
   std::vector<T> dense_;  // a symmetric copy of one block for factor()
   std::vector<T> diag_;   // the corrected diagonal
 };

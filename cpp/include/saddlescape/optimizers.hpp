@@ -77,11 +77,12 @@ class optimizer {
   /// rules without an estimate. @throws invalid_argument for a non-finite g (state unchanged).
   void observe(const double* g);
 
-  /// The state: counters, moments and estimates. A cached factorisation is not part of it: an
-  /// optimizer that reuses one (refresh_every > 1) refactors the loaded estimate when it next
-  /// needs a direction, so its continuation departs from the uninterrupted run's until that
-  /// run's next refresh (solver lowrank: only by rounding, within tol). Everything else
-  /// continues bit for bit.
+  /// The state: counters, moments and estimates, and when the estimate was last factorised. The
+  /// factorisation itself is not part of it: an optimizer that reuses one (refresh_every > 1)
+  /// factors the loaded estimate when it next needs a direction, then refreshes on the saved
+  /// schedule; so its directions differ from the uninterrupted run's until that run's next
+  /// refresh and agree after it (solver lowrank: they differ only by rounding, within tol).
+  /// Everything else continues bit for bit.
   optimizer_state state_dict() const;
   /// @throws invalid_argument (naming the field) for a state of another kind or shape, or with
   ///   non-finite entries; the optimizer is then unchanged.
