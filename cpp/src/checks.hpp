@@ -38,18 +38,4 @@ void check_finite(const T* x, std::ptrdiff_t rows, std::ptrdiff_t cols, std::str
   if (!all_finite(x, rows * cols)) report_non_finite(x, rows, cols, name, vector);
 }
 
-/// max_i |x_i| in one vectorisable pass; `finite` says whether every entry was.
-template <class T>
-T max_abs(const T* x, std::ptrdiff_t n, bool& finite) {
-  bool ok = true;
-  T m = T(0);
-  for (std::ptrdiff_t i = 0; i < n; ++i) {
-    const T a = std::abs(x[i]);
-    ok &= (a - a == T(0));  // false for NaN and Inf
-    m = a > m ? a : m;
-  }
-  finite = ok;
-  return m;
-}
-
 }  // namespace saddlescape::detail

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace saddlescape {
@@ -163,6 +164,24 @@ SADDLESCAPE_MULTIVERSION void adam_diag(index_t n, double b1, double b2, double 
   }
 }
 
+// max_i |g_i| as a bit pattern: for non-negative doubles the order of the patterns (as integers)
+// is the order of the values, so the reduction is an integer max, which compilers vectorise
+// (a floating-point max reduction is not, for its NaN semantics); every NaN and Inf gives a
+// pattern >= that of +Inf. This check runs before every step over all of g, so its speed
+// matters as much as the step's.
+constexpr std::int64_t infinity_bits = 0x7ff0000000000000LL;
+
+SADDLESCAPE_MULTIVERSION std::int64_t max_abs_bits(index_t n, const double* __restrict g) {
+  std::int64_t m = 0;
+  for (index_t i = 0; i < n; ++i) {
+    std::int64_t b;
+    std::memcpy(&b, g + i, sizeof b);
+    b &= 0x7fffffffffffffffLL;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
 // v <- b v + a g^2 without moving x (burn-in and hallucinated samples of the diagonal rules).
 void diag_observe(index_t n, double b, double a, const double* g, double* v) {
   const double tiny = std::numeric_limits<double>::min();
@@ -188,26 +207,19 @@ optimizer::optimizer(index_t dim) : dim_(dim) {
 }
 
 void optimizer::check_gradient(const double* g) {
+  std::int64_t bits = 0;
   if (dim_ < detail::parallel_threshold) {  // the common case, without allocation
-    bool ok = true;
-    gmax_ = detail::max_abs(g, dim_, ok);
-    if (!ok) detail::report_non_finite(g, 1, dim_, "g", true);
-    return;
+    bits = max_abs_bits(dim_, g);
+  } else {
+    std::vector<std::int64_t> part(detail::pass_threads(), 0);
+    const unsigned parts = detail::parallel_chunks(
+        dim_, [&](unsigned k, index_t begin, index_t end) {
+          part[k] = max_abs_bits(end - begin, g + begin);
+        });
+    bits = *std::max_element(part.begin(), part.begin() + parts);
   }
-  std::vector<double> part(detail::pass_threads(), 0.0);
-  std::vector<char> finite(part.size(), 1);
-  const unsigned parts = detail::parallel_chunks(
-      dim_, [&](unsigned k, index_t begin, index_t end) {
-        bool ok = true;
-        part[k] = detail::max_abs(g + begin, end - begin, ok);
-        finite[k] = ok;
-      });
-  double m = 0.0;
-  for (unsigned k = 0; k < parts; ++k) {
-    if (!finite[k]) detail::report_non_finite(g, 1, dim_, "g", true);
-    m = std::max(m, part[k]);
-  }
-  gmax_ = m;
+  if (bits >= infinity_bits) detail::report_non_finite(g, 1, dim_, "g", true);
+  std::memcpy(&gmax_, &bits, sizeof gmax_);
 }
 
 void optimizer::step(double* x, const double* g, sampler* source) {
@@ -338,7 +350,8 @@ struct rmsprop::lowrank_state {
   index_t k = 0;           // updates since the refresh
   bool y_is_last = false;  // y = V^T g for the latest update (saves a pass over V)
   std::vector<double> u, w, y, z, e, a, diag;
-  Eigen::MatrixXd q, qe, c;
+  Eigen::MatrixXd q, c, E, p, pe, qy, r, cw, mk;
+  Eigen::VectorXd omega;
 };
 
 rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_options opts)
@@ -394,7 +407,7 @@ std::string rmsprop::describe() const {
 }
 
 std::vector<double> rmsprop::estimate() const {
-  if (opts_.layout == structure::diag) return v_;
+  if (opts_.layout == structure::diag) return {v_.begin(), v_.end()};
   if (closed_2x2_) return {g2_[0], g2_[1], g2_[1], g2_[2]};
   std::vector<double> out(static_cast<std::size_t>(est_->estimate_size()));
   est_->estimate(out.data());
@@ -542,33 +555,48 @@ void rmsprop::lowrank_direction(const double* g) {
   const double tail = std::log(2.0 / pi) - log_tol + 1.0;
   const double s0 = 0.5 * std::log(lo) - tail, s1 = 0.5 * std::log(hi) + tail;
   const auto nodes = static_cast<index_t>(std::ceil((s1 - s0) / h)) + 1;
-  std::fill(L.z.begin(), L.z.end(), 0.0);
-  Eigen::Map<Eigen::VectorXd> y(L.y.data(), d), z(L.z.data(), d), e(L.e.data(), d),
-      a(L.a.data(), d);
-  const Eigen::Map<const Eigen::VectorXd> dg(L.diag.data(), d);
-  Eigen::LLT<Eigen::MatrixXd> llt(k);
-  for (index_t j = 0; j < nodes; ++j) {
-    const double s = s0 + static_cast<double>(j) * h;
+  // All nodes at once, as matrix products: E(j, m) = 1 / (D_j + sigma_m) and the node weights
+  // omega_m = (2 / pi) h e^(s_m), so that without the low-rank part z = (E omega) .* y.
+  L.E.resize(d, nodes);
+  L.omega.resize(nodes);
+  for (index_t m = 0; m < nodes; ++m) {
+    const double s = s0 + static_cast<double>(m) * h;
     const double sigma = std::exp(2.0 * s);
-    e = (dg.array() + sigma).inverse();
-    a = e.cwiseProduct(y);
-    if (k > 0) {
-      // Woodbury with C = I + Q E Q^T (symmetric positive definite, eigenvalues >= 1).
-      L.qe = L.q * e.asDiagonal();
-      L.c.noalias() = L.qe * L.q.transpose();
+    L.omega(m) = (2.0 / pi) * h * std::exp(s);
+    for (index_t j = 0; j < d; ++j) L.E(j, m) = 1.0 / (L.diag[static_cast<std::size_t>(j)] + sigma);
+  }
+  Eigen::Map<Eigen::VectorXd> y(L.y.data(), d), z(L.z.data(), d);
+  z.noalias() = L.E * L.omega;
+  z.array() *= y.array();
+  if (k > 0) {
+    // Woodbury at node m: (E_m^(-1) + Q^T Q)^(-1) y = E_m y - E_m Q^T C_m^(-1) Q E_m y with
+    // C_m = I + Q E_m Q^T (symmetric positive definite, eigenvalues >= 1). Entries of every C_m
+    // come from one product: P(a k + b, j) = Q(a, j) Q(b, j), then P E. Likewise Q E_m y = the
+    // m-th column of (Q .* y^T) E. The corrections sum to sum_a q_a .* (E (omega .* c_a)).
+    L.p.resize(k * k, d);
+    for (index_t a = 0; a < k; ++a)
+      for (index_t b = 0; b < k; ++b)
+        L.p.row(a * k + b) = L.q.row(a).cwiseProduct(L.q.row(b));
+    L.pe.noalias() = L.p * L.E;
+    L.qy = L.q * y.asDiagonal();
+    L.r.noalias() = L.qy * L.E;
+    L.cw.resize(nodes, k);
+    Eigen::LLT<Eigen::MatrixXd> llt(k);
+    for (index_t m = 0; m < nodes; ++m) {
+      L.c = Eigen::Map<const Eigen::MatrixXd>(L.pe.col(m).data(), k, k);
       L.c.diagonal().array() += 1.0;
       llt.compute(L.c);
-      const Eigen::VectorXd coef = llt.solve(L.q * a);
-      a.noalias() -= L.qe.transpose() * coef;
+      L.cw.row(m) = (L.omega(m) * llt.solve(L.r.col(m))).transpose();
     }
-    z += (2.0 / pi) * h * std::exp(s) * a;
+    L.mk.noalias() = L.E * L.cw;  // d x k
+    z -= (L.q.transpose().cwiseProduct(L.mk)).rowwise().sum();
   }
   detail::lapack::gemv('N', n, n, 1.0, L.root.eigenvectors(), n, L.z.data(), 0.0, dir_.data());
 }
 
 void rmsprop::save_extra(optimizer_state& st) const {
   if (opts_.layout == structure::diag) {
-    st.arrays["v"] = v_;
+    st.arrays["v"].assign(v_.begin(), v_.end());
     st.scalars["estimate.steps"] = static_cast<double>(own_updates_);
   } else if (closed_2x2_) {
     st.arrays["S"] = {g2_[0], g2_[1], g2_[1], g2_[2]};
@@ -587,7 +615,7 @@ void rmsprop::load_extra(const optimizer_state& st) {
       SADDLESCAPE_EXPECTS(v[i] >= 0.0, "the state's 'v' must be >= 0, got ", v[i], " at index ",
                           i);
     const std::int64_t n = state_count(st, "estimate.steps");
-    v_ = v;
+    v_.assign(v.begin(), v.end());
     own_updates_ = n;
   } else if (closed_2x2_) {
     const auto s = read_estimator(st, 4);
@@ -676,11 +704,11 @@ void adam::move(double* x, const double* g, double lr, sampler*) {
 }
 
 void adam::save_extra(optimizer_state& st) const {
-  st.arrays["m"] = m_;
+  st.arrays["m"].assign(m_.begin(), m_.end());
   if (est_) {
     save_estimator(*est_, st);
   } else {
-    st.arrays["v"] = v_;
+    st.arrays["v"].assign(v_.begin(), v_.end());
     st.scalars["estimate.steps"] = static_cast<double>(updates_);
     st.scalars["estimate.beta_product"] = beta2_product_;
   }
@@ -699,11 +727,11 @@ void adam::load_extra(const optimizer_state& st) {
     const double product = state_scalar(st, "estimate.beta_product");
     SADDLESCAPE_EXPECTS(product >= 0.0 && product <= 1.0,
                         "the state's 'estimate.beta_product' must be in [0, 1], got ", product);
-    v_ = v;
+    v_.assign(v.begin(), v.end());
     updates_ = n;
     beta2_product_ = product;
   }
-  m_ = m;
+  m_.assign(m.begin(), m.end());
 }
 
 // ---------------------------------------------------------------------------------------------

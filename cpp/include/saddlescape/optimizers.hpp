@@ -214,7 +214,8 @@ class rmsprop final : public optimizer {
   bool closed_2x2_ = false;
   double g2_[3] = {0.0, 0.0, 0.0};                   // closed form: G = [g0 g1; g1 g2]
   double g2_beta_product_ = 1.0;                     // closed form: prod beta_t, as saved
-  std::vector<double> v_;                            // diag: the estimate
+  // diag: the estimate, in huge pages when large (a step streams it with x and g).
+  std::vector<double, detail::huge_page_allocator<double>> v_;
   std::unique_ptr<ema_estimator<double>> est_;       // full, block
   std::unique_ptr<lowrank_state> lowrank_;
   std::unique_ptr<detail::tridiagonal_apply> tridiagonal_;  // full, exact, d > 48
@@ -251,7 +252,8 @@ class adam final : public optimizer {
   root_spec spec_;
   std::int64_t updates_ = 0;
   double beta2_product_ = 1.0;
-  std::vector<double> m_, v_, mhat_, dir_;
+  std::vector<double, detail::huge_page_allocator<double>> m_, v_;  // diag: streamed each step
+  std::vector<double> mhat_, dir_;
   std::unique_ptr<ema_estimator<double>> est_;  // full, block
 };
 
