@@ -30,7 +30,7 @@ import numpy as np
 from saddlescape import _core
 from saddlescape._validation import integer as _integer
 from saddlescape._validation import real as _real
-from saddlescape.problems import Problem, Sampler
+from saddlescape.problems import Problem, Sampler, function_address
 from saddlescape.schedules import Schedule, as_schedule
 
 __all__ = ["SGD", "Adam", "Optimizer", "PreconditionedSGD", "RMSProp", "SaddleEscape"]
@@ -49,6 +49,16 @@ def _dim(value: Any) -> int:
     if d < 1:
         raise ValueError(f"dim must be >= 1, got {d}")
     return d
+
+
+def _native_function(fn: Any) -> int | None:
+    """The address of a C function (ctypes pointer or numba cfunc), or None for anything else."""
+    import ctypes
+
+    if isinstance(fn, ctypes._CFuncPtr) or (  # type: ignore[attr-defined]
+            hasattr(fn, "address") and hasattr(fn, "ctypes")):  # numba.cfunc
+        return function_address(fn)
+    return None
 
 
 class Optimizer:
@@ -157,7 +167,10 @@ class PreconditionedSGD(Optimizer):
         lr: a number or a schedule.
         preconditioner: a callable ``A(x)`` returning a (d, d) matrix or a (d,) diagonal; or a
             problem that knows E[g g^T], for the idealized A(x) = f(E[g g^T](x)) with f of
-            ``eps`` and ``form`` (the paper's idealized adaptive method).
+            ``eps`` and ``form`` (the paper's idealized adaptive method); or a C function
+            (ctypes function pointer or numba cfunc) computing the direction itself, called
+            without the GIL: ``void A(int64_t dim, const double* x, const double* g,
+            double* out)`` writes out = A(x) g (it must outlive the optimizer).
         eps, form: for the idealized preconditioner only.
         dim: the dimension (default: the problem's, or learnt from the first use).
     """
@@ -168,7 +181,11 @@ class PreconditionedSGD(Optimizer):
         self._pre = preconditioner
         self._eps = _real("eps", eps)
         self._form = _choice("form", form, ("inv_sqrt", "adam"))
-        if isinstance(preconditioner, Problem):
+        self._native_fn = _native_function(preconditioner)
+        if self._native_fn is not None:
+            if dim is not None:
+                self._native(dim)
+        elif isinstance(preconditioner, Problem):
             if not preconditioner.has_second_moment:
                 raise ValueError(f"{preconditioner!r} does not know E[g g^T]; pass a callable A(x)")
             self._native(preconditioner.dim if dim is None else dim)
@@ -179,6 +196,8 @@ class PreconditionedSGD(Optimizer):
             self._native(dim)
 
     def _make(self, dim: int) -> _core.Optimizer:
+        if self._native_fn is not None:
+            return _core.PreconditionedSGD.native(dim, self._lr, self._native_fn)
         if isinstance(self._pre, Problem):
             if dim != self._pre.dim:
                 raise ValueError(f"dim = {dim} does not match the problem's dim {self._pre.dim}")

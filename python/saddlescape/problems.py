@@ -28,6 +28,7 @@ Sampler = _core.Sampler
 
 __all__ = [
     "LogisticRegression",
+    "NativeOracle",
     "NoisyQuadratic",
     "Oracle",
     "Problem",
@@ -35,6 +36,7 @@ __all__ = [
     "SaddleProblem",
     "Sampler",
     "as_problem",
+    "function_address",
 ]
 
 _f64 = np.dtype(np.float64)
@@ -175,6 +177,43 @@ class Oracle(_core.Oracle):
         if oracle is None:
             raise ValueError("oracle must be callable, got None")
         super().__init__(_integer("dim", dim), oracle, value, gradient)
+
+
+def function_address(function: Any) -> int:
+    """The address of a C function: a ctypes function pointer, an object with an ``address``
+    attribute (``numba.cfunc``), or an int. Anything else is a ValueError."""
+    import ctypes
+
+    if isinstance(function, ctypes._CFuncPtr):  # type: ignore[attr-defined]
+        address = ctypes.cast(function, ctypes.c_void_p).value
+    elif hasattr(function, "address") and not callable(getattr(function, "address")):
+        address = function.address
+    elif isinstance(function, (int, np.integer)) and not isinstance(function, bool):
+        address = int(function)
+    else:
+        raise ValueError(f"function must be a ctypes function pointer, a numba cfunc or an "
+                         f"address, got {type(function).__name__}")
+    if not address:
+        raise ValueError("the function address is null")
+    return int(address)
+
+
+def NativeOracle(function: Any, dim: int) -> Problem:  # noqa: N802 (a constructor)
+    """A problem whose stochastic gradient is a C function, called without the GIL:
+
+        void oracle(int64_t dim, const double* x, double* g, uint64_t key);
+
+    It writes a stochastic gradient at x into g. ``key`` is a fresh 64-bit number drawn from the
+    run's generator for each call: derive the call's randomness from it (and nothing else) and
+    runs are reproducible and safe on run_many's threads.
+
+    Args:
+        function: a ctypes function pointer (``ctypes.CFUNCTYPE(None, c_int64, POINTER(c_double),
+            POINTER(c_double), c_uint64)``), a ``numba.cfunc``, or the address as an int. It must
+            stay alive as long as the problem is used.
+        dim: the dimension.
+    """
+    return _core.native_problem(_integer("dim", dim), function_address(function))
 
 
 def as_problem(problem: Any, dim: int) -> Problem:

@@ -313,6 +313,20 @@ void bind_problems(py::module_& m) {
       .def_property_readonly("batch_size", &logistic_regression::batch_size)
       .def_property_readonly("l2", &logistic_regression::l2);
 
+  // C callables, e.g. from ctypes, cffi or numba.cfunc: the loop calls them without the GIL.
+  // Each call gets a fresh 64-bit key drawn from the run's generator, so that a callable that
+  // seeds its own randomness from the key is reproducible and thread-safe.
+  m.def(
+      "native_problem",
+      [](index_t dim, std::uintptr_t address) -> std::shared_ptr<problem> {
+        SADDLESCAPE_EXPECTS(address != 0, "the function address is null");
+        using fn = void (*)(std::int64_t, const double*, double*, std::uint64_t);
+        const auto f = reinterpret_cast<fn>(address);
+        return std::make_shared<function_problem>(
+            dim, [f, dim](const double* x, rng& r, double* g) { f(dim, x, g, r.next()); });
+      },
+      py::arg("dim"), py::arg("address"));
+
   py::class_<py_problem, problem, std::shared_ptr<py_problem>>(m, "Oracle")
       .def(py::init<index_t, py::object, py::object, py::object>(), py::arg("dim"),
            py::arg("oracle"), py::arg("value"), py::arg("gradient"));
@@ -429,6 +443,18 @@ void bind_optimizers(py::module_& m) {
                                                          "a Python callable");
            }),
            py::arg("dim"), py::arg("lr"), py::arg("preconditioner"))
+      .def_static(
+          "native",
+          [](index_t dim, schedule_ptr lr, std::uintptr_t address) {
+            SADDLESCAPE_EXPECTS(address != 0, "the function address is null");
+            using fn = void (*)(std::int64_t, const double*, const double*, double*);
+            const auto f = reinterpret_cast<fn>(address);
+            return std::make_shared<preconditioned_sgd>(
+                dim, std::move(lr),
+                [f, dim](const double* x, const double* g, double* out) { f(dim, x, g, out); },
+                "a C function");
+          },
+          py::arg("dim"), py::arg("lr"), py::arg("address"))
       .def_static(
           "idealized",
           [](std::shared_ptr<problem> p, schedule_ptr lr, double eps, const std::string& form) {
