@@ -191,6 +191,22 @@ void diag_observe(index_t n, double b, double a, const double* g, double* v) {
   }
 }
 
+double checked_lr(double rate, std::int64_t t) {
+  SADDLESCAPE_EXPECTS(std::isfinite(rate) && rate >= 0.0,
+                      "lr must be finite and >= 0, got lr_t = ", rate, " at t = ", t);
+  return rate;
+}
+
+// The eigenvalues of a d x d estimate are at most d max|G_ij| <= d max_t |g_t|^2, since each
+// entry is a convex combination of g_i g_j. Refusing g with d max|g|^2 near overflow before the
+// update keeps every later eigendecomposition finite, so no step fails after changing the state.
+void check_spectrum_fits(double gmax, index_t d, const char* rule) {
+  if (!(gmax * gmax * static_cast<double>(d) <= 0.25 * std::numeric_limits<double>::max()))
+    SADDLESCAPE_NUMERICAL_FAIL(rule, ": max|g| = ", gmax, " is too large: the estimate's ",
+                               "eigenvalues (up to d max|g|^2) would overflow float64; the "
+                               "state is unchanged");
+}
+
 void check_square_fits(double gmax, const char* rule) {
   if (!(gmax * gmax <= std::numeric_limits<double>::max()))
     SADDLESCAPE_NUMERICAL_FAIL(rule, ": max|g| = ", gmax,
@@ -233,9 +249,7 @@ void optimizer::do_step(double* x, const double* g, sampler* source) {
     ++steps_;
     return;
   }
-  const double rate = lr(moves_);
-  SADDLESCAPE_EXPECTS(std::isfinite(rate) && rate >= 0.0,
-                      "lr must be finite and >= 0, got lr_t = ", rate, " at t = ", moves_);
+  const double rate = checked_lr(lr(moves_), moves_);
   move(x, g, rate, source);
   ++moves_;
   ++steps_;
@@ -365,6 +379,9 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
                       "tol must be in (0, 1), got ", opts_.tol);
   const bool lowrank = opts_.solver == root_solver::lowrank;
   if (lowrank) {
+    SADDLESCAPE_EXPECTS(opts_.refresh_every <= max_lowrank_period, "solver 'lowrank' needs "
+                        "refresh_every <= ", max_lowrank_period, " (its cost per step grows like "
+                        "refresh_every^2), got ", opts_.refresh_every);
     SADDLESCAPE_EXPECTS(opts_.layout == structure::full,
                         "solver 'lowrank' needs structure 'full', got '", to_string(opts_.layout),
                         "'");
@@ -435,12 +452,14 @@ void rmsprop::update_estimate(const double* g) {
     ++own_updates_;
     return;
   }
+  check_spectrum_fits(gmax_, dim_, "RMSProp");
   const double b = lowrank_ ? beta_at(*beta_, est_->steps()) : 0.0;
   est_->update(g);
   if (!lowrank_) return;
   auto& L = *lowrank_;
   L.y_is_last = false;
-  if (!L.valid || L.k >= opts_.refresh_every) {
+  // G_ref includes the update that refreshed it, so refresh_every - 1 more fit in U.
+  if (!L.valid || L.k + 1 >= opts_.refresh_every) {
     L.valid = false;  // refreshed from G_t when a direction is next needed
     return;
   }
@@ -500,11 +519,17 @@ void rmsprop::move(double* x, const double* g, double lr, sampler*) {
     ++own_updates_;
     return;
   }
+  // |A g| <= max f * |g|_2: a step that could overflow is refused before the estimate changes.
+  const double fmax = opts_.form == root_form::adam ? 1.0 / opts_.eps : 1.0 / std::sqrt(opts_.eps);
+  if (!(lr * fmax * gmax_ * std::sqrt(static_cast<double>(dim_)) <
+        std::numeric_limits<double>::max()))
+    SADDLESCAPE_NUMERICAL_FAIL("RMSProp: a step with max|g| = ", gmax_, ", lr = ", lr,
+                               " and eps = ", opts_.eps, " could overflow; the state is unchanged");
   update_estimate(g);
   if (closed_2x2_) {
     closed_form_2x2(g2_, spec_, g, dir_.data());
   } else if (lowrank_) {
-    lowrank_direction(g);
+    lowrank_direction(g);  // (may use tridiagonal_ as a fallback, so it is tested first)
   } else if (tridiagonal_) {
     est_->estimate(tridiagonal_->matrix());
     tridiagonal_->apply(spec_, g, dir_.data(), "the estimate G_t");
@@ -545,6 +570,14 @@ void rmsprop::lowrank_direction(const double* g) {
     for (index_t j = 0; j < d; ++j) L.q(i, j) = s * ui[j];
   }
   if (k > 0) hi += L.q.squaredNorm();
+  // An estimate so large that the quadrature's scale products could overflow: this step is
+  // computed exactly through the tridiagonal route instead, which rescales first.
+  if (!(hi < 1e250)) {
+    if (!tridiagonal_) tridiagonal_ = std::make_unique<detail::tridiagonal_apply>(d);
+    est_->estimate(tridiagonal_->matrix());
+    tridiagonal_->apply(spec_, g, dir_.data(), "the estimate G_t");
+    return;
+  }
 
   // (M)^(-1/2) y = (2/pi) int (M + e^(2s))^(-1) y e^s ds. For one eigenvalue lambda the
   // integrand is sech(s - log(lambda)/2) / (2 sqrt(lambda)), analytic in the strip |Im| < pi/2,
@@ -669,6 +702,7 @@ std::string adam::describe() const {
 
 void adam::do_observe(const double* g) {
   if (est_) {
+    check_spectrum_fits(gmax_, dim_, "Adam");
     est_->update(g);
     return;
   }
@@ -695,6 +729,7 @@ void adam::move(double* x, const double* g, double lr, sampler*) {
     ++updates_;
     return;
   }
+  check_spectrum_fits(gmax_, dim_, "Adam");
   for (index_t i = 0; i < dim_; ++i) mhat_[i] = beta1_ * m_[i] + (1.0 - beta1_) * g[i];
   est_->update(g);  // throws before any change
   std::copy(mhat_.begin(), mhat_.end(), m_.begin());
@@ -779,7 +814,7 @@ void saddle_escape::do_step(double* x, const double* g, sampler* source) {
   }
   const std::int64_t t = moves_;
   if (t % t_thresh_ != 0) {
-    base_->step_with_lr(x, g, base_->lr(base_->moves()), source);
+    base_->step_with_lr(x, g, checked_lr(base_->lr(base_->moves()), t), source);
   } else {
     SADDLESCAPE_EXPECTS(hallucinate_ == 0 || source != nullptr,
                         "SaddleEscape with hallucinate = ", hallucinate_,
@@ -795,8 +830,8 @@ void saddle_escape::do_step(double* x, const double* g, sampler* source) {
       for (index_t i = 0; i < dim_; ++i) point_[i] = x_prev_[i] + s * (x[i] - x_prev_[i]);
       source->sample(point_.data(), g_extra_.data());
       if (!detail::all_finite(g_extra_.data(), dim_))
-        SADDLESCAPE_NUMERICAL_FAIL("the gradient sample ", k, " of ", hallucinate_,
-                                   " on the large step at t = ", t, " is not finite");
+        throw non_finite_gradient(concat("the gradient sample ", k, " of ", hallucinate_,
+                                         " on the large step at t = ", t, " is not finite"));
       base_->observe(g_extra_.data());
     }
     return;

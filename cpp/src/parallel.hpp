@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdlib>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -40,10 +41,17 @@ unsigned parallel_chunks(std::ptrdiff_t n, F&& fn) {
   const std::ptrdiff_t chunk = ((n + parts - 1) / parts + 63) / 64 * 64;
   std::vector<std::thread> pool;
   pool.reserve(parts - 1);
-  for (unsigned k = 1; k < parts; ++k) {
-    const std::ptrdiff_t begin = std::min(n, k * chunk), end = std::min(n, (k + 1) * chunk);
-    pool.emplace_back([&fn, k, begin, end] { fn(k, begin, end); });
+  unsigned k = 1;
+  try {
+    for (; k < parts; ++k) {
+      const std::ptrdiff_t begin = std::min(n, k * chunk), end = std::min(n, (k + 1) * chunk);
+      pool.emplace_back([&fn, k, begin, end] { fn(k, begin, end); });
+    }
+  } catch (const std::system_error&) {
+    // No more threads to be had: this thread takes the chunks not started.
   }
+  for (unsigned j = k; j < parts; ++j)
+    fn(j, std::min(n, j * chunk), std::min(n, (j + 1) * chunk));
   fn(0u, std::ptrdiff_t(0), std::min(n, chunk));
   for (auto& t : pool) t.join();
   return parts;

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <exception>
+#include <system_error>
 #include <thread>
 
 namespace saddlescape {
@@ -92,6 +93,9 @@ run_result run(const problem& p, optimizer& opt, const double* x0, const run_opt
   auto step_ok = [&](std::int64_t t) {
     try {
       opt.step(x, g.data(), src.get());
+    } catch (const non_finite_gradient& e) {
+      stop(r, run_status::diverged, t, e.what());
+      return false;
     } catch (const numerical_error& e) {
       stop(r, run_status::numerical, t, e.what());
       return false;
@@ -130,11 +134,12 @@ std::vector<run_result> run_many(const problem& p, const std::vector<optimizer*>
   SADDLESCAPE_EXPECTS(threads >= 0, "threads must be >= 0, got ", threads);
   for (std::size_t i = 0; i < opts.size(); ++i) {
     SADDLESCAPE_EXPECTS(opts[i] != nullptr, "optimizer ", i, " is null");
-    for (std::size_t j = 0; j < i; ++j)
-      SADDLESCAPE_EXPECTS(opts[i] != opts[j], "optimizers ", j, " and ", i,
-                          " are the same object; each seed needs its own");
     check_run_args(p, *opts[i], x0, o);
   }
+  std::vector<const optimizer*> sorted(opts.begin(), opts.end());
+  std::sort(sorted.begin(), sorted.end());
+  SADDLESCAPE_EXPECTS(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(),
+                      "two seeds have the same optimizer object; each seed needs its own");
   const std::size_t n = seeds.size();
   std::vector<run_result> results(n);
   std::vector<std::exception_ptr> errors(n);
@@ -153,13 +158,14 @@ std::vector<run_result> run_many(const problem& p, const std::vector<optimizer*>
   unsigned count = threads > 0 ? static_cast<unsigned>(threads)
                                : std::max(1u, std::thread::hardware_concurrency());
   count = static_cast<unsigned>(std::min<std::size_t>(count, std::max<std::size_t>(n, 1)));
-  if (count <= 1) {
-    worker();
-  } else {
-    std::vector<std::thread> pool;
-    for (unsigned k = 0; k < count; ++k) pool.emplace_back(worker);
-    for (auto& th : pool) th.join();
+  std::vector<std::thread> pool;
+  try {
+    for (unsigned k = 1; k < count; ++k) pool.emplace_back(worker);
+  } catch (const std::system_error&) {
+    // The system refused more threads: the ones started and this one share the work.
   }
+  worker();
+  for (auto& th : pool) th.join();
   for (const auto& e : errors)
     if (e) std::rethrow_exception(e);
   return results;

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,19 @@ class tridiagonal_apply {
   void apply(const root_spec& spec, const double* v, double* out, const char* what) {
     const int n = n_;
     const int lwork = static_cast<int>(work_.size()), liwork = static_cast<int>(iwork_.size());
+    // Scale G into [rmin, rmax] first, as LAPACK's syevd does: sytrd's norms would overflow
+    // for entries near 1e154 and lose accuracy below 1e-146. f is applied to the unscaled
+    // eigenvalues, which may then round to 0 or Inf (f(Inf) = 0), never to NaN.
+    const std::size_t nn = a_.size();
+    double anrm = 0.0;
+    for (std::size_t i = 0; i < nn; ++i) anrm = std::max(anrm, std::abs(a_[i]));
+    const double small = std::numeric_limits<double>::min() / std::numeric_limits<double>::epsilon();
+    const double rmin = std::sqrt(small), rmax = std::sqrt(1.0 / small);
+    double sigma = 1.0;
+    if (anrm > 0.0 && anrm < rmin) sigma = rmin / anrm;
+    if (anrm > rmax) sigma = rmax / anrm;
+    if (sigma != 1.0)
+      for (std::size_t i = 0; i < nn; ++i) a_[i] *= sigma;
     int info = lapack::sytrd_lower(n, a_.data(), d_.data(), e_.data(), tau_.data(),
                                    work_.data(), lwork);
     if (info != 0) SADDLESCAPE_NUMERICAL_FAIL("LAPACK sytrd failed for ", what, ", info = ", info);
@@ -61,9 +75,10 @@ class tridiagonal_apply {
       SADDLESCAPE_NUMERICAL_FAIL("the eigensolver (LAPACK stedc) did not converge for ", what,
                                  " (info = ", info, ")");
     // The same rounding rule as eigen_root: eigenvalues within d u max|lambda| of zero are zero.
+    for (auto& l : d_) l /= sigma;
     const double lo = d_.front(), hi = d_.back();
-    if (!std::isfinite(lo) || !std::isfinite(hi))
-      SADDLESCAPE_NUMERICAL_FAIL("the eigenvalues of ", what, " are not finite");
+    if (std::isnan(lo) || std::isnan(hi))
+      SADDLESCAPE_NUMERICAL_FAIL("the eigenvalues of ", what, " are not numbers");
     const double tol = clip_tolerance<double>(n) * std::max(std::abs(lo), std::abs(hi));
     if (lo < -tol)
       throw invalid_argument(concat(what, " is not positive semidefinite: it has the eigenvalue ",

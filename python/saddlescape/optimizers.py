@@ -142,6 +142,8 @@ class Optimizer:
         """Restores a state_dict() of the same kind and shape; on a ValueError nothing changes."""
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        if not isinstance(state.get("kind"), str):
+            raise ValueError("the state's 'kind' must be a string")
         self._native(self._require_dim()).load_state_dict(copy.deepcopy(state))
 
     def __repr__(self) -> str:
@@ -170,7 +172,7 @@ class PreconditionedSGD(Optimizer):
             ``eps`` and ``form`` (the paper's idealized adaptive method); or a C function
             (ctypes function pointer or numba cfunc) computing the direction itself, called
             without the GIL: ``void A(int64_t dim, const double* x, const double* g,
-            double* out)`` writes out = A(x) g (it must outlive the optimizer).
+            double* out)`` writes out = A(x) g (the optimizer keeps the object alive).
         eps, form: for the idealized preconditioner only.
         dim: the dimension (default: the problem's, or learnt from the first use).
     """
@@ -197,7 +199,7 @@ class PreconditionedSGD(Optimizer):
 
     def _make(self, dim: int) -> _core.Optimizer:
         if self._native_fn is not None:
-            return _core.PreconditionedSGD.native(dim, self._lr, self._native_fn)
+            return _core.PreconditionedSGD.native(dim, self._lr, self._native_fn, self._pre)
         if isinstance(self._pre, Problem):
             if dim != self._pre.dim:
                 raise ValueError(f"dim = {dim} does not match the problem's dim {self._pre.dim}")

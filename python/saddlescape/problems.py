@@ -209,11 +209,12 @@ def NativeOracle(function: Any, dim: int) -> Problem:  # noqa: N802 (a construct
 
     Args:
         function: a ctypes function pointer (``ctypes.CFUNCTYPE(None, c_int64, POINTER(c_double),
-            POINTER(c_double), c_uint64)``), a ``numba.cfunc``, or the address as an int. It must
-            stay alive as long as the problem is used.
+            POINTER(c_double), c_uint64)``), a ``numba.cfunc``, or the address as an int. The
+            problem keeps the object alive; code behind a bare int address is the caller's to
+            keep loaded.
         dim: the dimension.
     """
-    return _core.native_problem(_integer("dim", dim), function_address(function))
+    return _core.native_problem(_integer("dim", dim), function_address(function), function)
 
 
 def as_problem(problem: Any, dim: int) -> Problem:

@@ -149,6 +149,8 @@ def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
     Returns:
         A :class:`RunResult`.
     """
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"optimizer must be a saddlescape optimizer, got {type(optimizer).__name__}")
     x, n, every = _check_common(optimizer, x0, steps, record_every, on_error)
     p = as_problem(problem, x.shape[0])
     if p.dim != x.shape[0]:
@@ -204,9 +206,11 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         raise ValueError(f"threads must be >= 1, got {nthreads}")
     if not callable(make_optimizer):
         raise ValueError("make_optimizer must be a callable returning a fresh optimizer")
-    opts, parts = [], []
+    # `made` keeps the Python optimizers (and whatever they own) alive for the whole run.
+    opts, parts, made = [], [], []
     for _ in seed_list:
         o = make_optimizer()
+        made.append(o)
         if not isinstance(o, Optimizer):
             raise ValueError(f"make_optimizer must return a saddlescape optimizer, got {type(o).__name__}")
         opts.append(o._native(p.dim))
@@ -217,6 +221,7 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         raise ValueError("make_optimizer returned optimizers that share state (SaddleEscapes over "
                          "one base); each seed needs its own")
     outs = _core.run_many(p, opts, x, n, seed_list, every, bool(record_x), nthreads)
+    del made
     t = np.unique(np.r_[np.arange(0, n + 1, every), n]).astype(np.int64)
     R, dim = t.shape[0], p.dim
     result = RunManyResult(

@@ -64,10 +64,13 @@ void call_vector(const py::object& fn, const double* x, index_t dim, double* out
   darray xa(dim);
   std::copy(x, x + dim, xa.mutable_data());
   const py::object r = fn(xa, std::forward<Extra>(extra)...);
-  const py::array a = py::array::ensure(r);
+  py::array a = py::array::ensure(r);
+  if (a && a.ndim() == 0 && dim == 1) a = a.reshape({1});
   SADDLESCAPE_EXPECTS(a && a.ndim() == 1 && a.shape(0) == dim, what, " must return an array of shape (",
                       dim, ",), got ", a ? shape_string(a) : std::string(py::str(r.get_type())));
-  expect_float(a, what);
+  const char kind = a.dtype().kind();
+  SADDLESCAPE_EXPECTS(kind == 'f' || kind == 'i' || kind == 'u', what,
+                      " must return real numbers, got dtype ", dtype_string(a));
   const darray d = darray::ensure(a);
   std::copy(d.data(), d.data() + dim, out);
 }
@@ -318,14 +321,17 @@ void bind_problems(py::module_& m) {
   // seeds its own randomness from the key is reproducible and thread-safe.
   m.def(
       "native_problem",
-      [](index_t dim, std::uintptr_t address) -> std::shared_ptr<problem> {
+      [](index_t dim, std::uintptr_t address, py::object owner) -> std::shared_ptr<problem> {
         SADDLESCAPE_EXPECTS(address != 0, "the function address is null");
         using fn = void (*)(std::int64_t, const double*, double*, std::uint64_t);
         const auto f = reinterpret_cast<fn>(address);
+        // The Python object that owns the code (a ctypes callback, a numba cfunc) lives as
+        // long as the problem: the address alone would dangle once Python collected it.
+        auto held = std::make_shared<gil_object>(std::move(owner));
         return std::make_shared<function_problem>(
-            dim, [f, dim](const double* x, rng& r, double* g) { f(dim, x, g, r.next()); });
+            dim, [f, dim, held](const double* x, rng& r, double* g) { f(dim, x, g, r.next()); });
       },
-      py::arg("dim"), py::arg("address"));
+      py::arg("dim"), py::arg("address"), py::arg("owner"));
 
   py::class_<py_problem, problem, std::shared_ptr<py_problem>>(m, "Oracle")
       .def(py::init<index_t, py::object, py::object, py::object>(), py::arg("dim"),
@@ -349,16 +355,33 @@ py::dict state_to_python(const optimizer_state& st) {
 optimizer_state state_from_python(const py::dict& d) {
   SADDLESCAPE_EXPECTS(d.contains("kind") && d.contains("arrays") && d.contains("scalars"),
                       "a state dict has the keys 'kind', 'arrays' and 'scalars'");
+  SADDLESCAPE_EXPECTS(py::isinstance<py::str>(d["kind"]), "the state's 'kind' must be a string");
+  SADDLESCAPE_EXPECTS(py::isinstance<py::dict>(d["arrays"]) && py::isinstance<py::dict>(d["scalars"]),
+                      "the state's 'arrays' and 'scalars' must be dicts");
   optimizer_state st;
   st.kind = d["kind"].cast<std::string>();
   for (const auto& [k, v] : d["arrays"].cast<py::dict>()) {
+    SADDLESCAPE_EXPECTS(py::isinstance<py::str>(k), "the state's array names must be strings");
     const auto name = k.cast<std::string>();
     const py::array a = py::array::ensure(v);
     SADDLESCAPE_EXPECTS(a && a.ndim() == 1, "the state's '", name, "' must be a 1-D array");
     st.arrays[name] = flat(a, name.c_str());
   }
-  for (const auto& [k, v] : d["scalars"].cast<py::dict>())
-    st.scalars[k.cast<std::string>()] = v.cast<double>();
+  for (const auto& [k, v] : d["scalars"].cast<py::dict>()) {
+    SADDLESCAPE_EXPECTS(py::isinstance<py::str>(k), "the state's scalar names must be strings");
+    const auto name = k.cast<std::string>();
+    // Real numbers only: a bool or a string is a damaged state, not a count.
+    const bool real = !py::isinstance<py::bool_>(v) &&
+                      (py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v) ||
+                       py::hasattr(v, "dtype"));
+    SADDLESCAPE_EXPECTS(real, "the state's '", name, "' must be a real number, got ",
+                        std::string(py::str(v.get_type())));
+    try {
+      st.scalars[name] = v.cast<double>();
+    } catch (const py::cast_error&) {
+      throw invalid_argument("the state's '" + name + "' must be a real number");
+    }
+  }
   return st;
 }
 
@@ -445,16 +468,19 @@ void bind_optimizers(py::module_& m) {
            py::arg("dim"), py::arg("lr"), py::arg("preconditioner"))
       .def_static(
           "native",
-          [](index_t dim, schedule_ptr lr, std::uintptr_t address) {
+          [](index_t dim, schedule_ptr lr, std::uintptr_t address, py::object owner) {
             SADDLESCAPE_EXPECTS(address != 0, "the function address is null");
             using fn = void (*)(std::int64_t, const double*, const double*, double*);
             const auto f = reinterpret_cast<fn>(address);
+            auto held = std::make_shared<gil_object>(std::move(owner));  // see native_problem
             return std::make_shared<preconditioned_sgd>(
                 dim, std::move(lr),
-                [f, dim](const double* x, const double* g, double* out) { f(dim, x, g, out); },
+                [f, dim, held](const double* x, const double* g, double* out) {
+                  f(dim, x, g, out);
+                },
                 "a C function");
           },
-          py::arg("dim"), py::arg("lr"), py::arg("address"))
+          py::arg("dim"), py::arg("lr"), py::arg("address"), py::arg("owner"))
       .def_static(
           "idealized",
           [](std::shared_ptr<problem> p, schedule_ptr lr, double eps, const std::string& form) {

@@ -36,6 +36,16 @@
 
 namespace saddlescape {
 
+/// A gradient an optimizer drew itself (saddle_escape's hallucinated samples) was not finite.
+/// run() reports it as divergence.
+class non_finite_gradient : public numerical_error {
+ public:
+  using numerical_error::numerical_error;
+};
+
+/// The largest refresh_every of the lowrank solver: its per-step cost grows like its square.
+constexpr std::int64_t max_lowrank_period = 256;
+
 /// An optimizer's complete state, for checkpoints: named arrays and scalars, and the kind of
 /// optimizer it came from (load_state_dict checks it).
 struct optimizer_state {
@@ -165,7 +175,8 @@ struct rmsprop_options {
   /// lowrank: the period of the full eigendecomposition (the step is exact regardless).
   std::int64_t refresh_every = 1;
   std::vector<index_t> block_sizes;        ///< structure::block only.
-  /// root_solver::lowrank (full structure, form inv_sqrt): G_t + eps I = B + U W U^T with B
+  /// root_solver::lowrank (full structure, form inv_sqrt; refresh_every <= 256):
+  /// G_t + eps I = B + U W U^T with B
   /// the estimate at the last eigendecomposition (decayed) plus eps I and U the gradients
   /// since, and A g = (2 / pi) int_0^inf (G_t + eps I + s^2 I)^(-1) g ds evaluated by the
   /// trapezoidal rule in log s (error below tol relative) with Woodbury solves in B's
