@@ -225,8 +225,10 @@ class RMSProp(Optimizer):
             form inv_sqrt): exact at every step to ``tol`` at a fraction of the cost. Between
             eigendecompositions G_t + eps I = B + U W U^T, B known in its eigenbasis and U the
             gradients since, and A g = (2/pi) int_0^inf (G_t + eps I + s^2 I)^(-1) g ds by the
-            trapezoidal rule in log s with Woodbury solves: O(d^2) per step plus an O(d^3)
-            eigendecomposition every ``refresh_every`` steps (16 to 32 is a good choice).
+            trapezoidal rule in log s with Woodbury solves: O(d^2 + d k^2 n) per step (k <=
+            refresh_every gradients since the last eigendecomposition, n ~ 100 quadrature
+            nodes) plus an O(d^3) eigendecomposition every ``refresh_every`` updates (at most
+            256; 16 to 32 is best at d = 1024).
         tol: the lowrank solver's relative accuracy (quadrature), default 1e-10.
 
     With d = 2 and structure "full" the inverse square root is computed in closed form.

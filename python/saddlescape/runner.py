@@ -13,7 +13,12 @@ A gradient or iterate that becomes non-finite stops the run at that step. With
 failure raises :class:`saddlescape.NumericalError` and its invalid-argument failure (e.g. a
 schedule leaving its range) ``ValueError``; in each case the exception's ``result`` attribute holds
 the records up to the stop. With ``on_error="return"`` the result is returned, its ``status``
-saying what happened.
+saying what happened. An exception raised by the problem itself (a Python oracle that raises,
+or returns the wrong shape) propagates unchanged, without the records.
+
+Threads: ``run_many`` runs seeds on ``threads`` threads; the diagonal optimizers split steps of
+long vectors (>= 2^18 entries) over ``SADDLESCAPE_NUM_THREADS`` threads (default: all cores).
+A native run cannot be interrupted with Ctrl-C; a Python oracle can raise to stop it.
 """
 
 from __future__ import annotations

@@ -1621,7 +1621,7 @@ TEST(RunMany, TwoThreadsEqualRunPerSeed) {
   EXPECT_FALSE(same_bits(many[0].x_final, many[1].x_final));
   // One optimizer per seed, and as many as seeds.
   std::vector<ss::optimizer*> twice = {opts[0], opts[0]};
-  EXPECT_INVALID("optimizers 0 and 1 are the same object",
+  EXPECT_INVALID("two seeds have the same optimizer object",
                  ss::run_many(p, twice, x0, o, {1, 2}, 2));
   EXPECT_INVALID("need one optimizer per seed: 2 optimizers for 3 seeds",
                  ss::run_many(p, {opts[0], opts[1]}, x0, o, {1, 2, 3}, 2));
