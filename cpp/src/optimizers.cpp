@@ -109,58 +109,44 @@ void apply_direction(double* x, const double* dir, index_t d, double lr, const c
   for (index_t i = 0; i < d; ++i) x[i] -= lr * dir[i];
 }
 
+// Both forms with one expression: den = sqrt(v + inner) + outer, with (inner, outer) =
+// (eps, 0) for inv_sqrt and (0, eps) for adam. Adding a zero is exact, so each form gets
+// exactly its own formula's rounding, and one loop serves both.
+struct diag_form {
+  double inner, outer;
+  diag_form(root_form form, double eps)
+      : inner(form == root_form::adam ? 0.0 : eps), outer(form == root_form::adam ? eps : 0.0) {}
+};
+
 // The fused diagonal RMSProp step, one pass over x, g and v:
 //   v <- b v + a g^2 (subnormals flushed), x <- x - lr g / den(v).
 // g is finite and a g^2 cannot overflow (checked by the caller), so v stays finite.
-SADDLESCAPE_MULTIVERSION void rmsprop_diag_inv_sqrt(index_t n, double b, double a, double lr,
-                                                    double eps, const double* __restrict g,
-                                                    double* __restrict v, double* __restrict x) {
+SADDLESCAPE_MULTIVERSION void rmsprop_diag(index_t n, double b, double a, double lr, double inner,
+                                           double outer, const double* __restrict g,
+                                           double* __restrict v, double* __restrict x) {
   const double tiny = std::numeric_limits<double>::min();
   for (index_t i = 0; i < n; ++i) {
     double vi = b * v[i] + a * (g[i] * g[i]);
     vi = vi < tiny ? 0.0 : vi;
     v[i] = vi;
-    x[i] -= lr * g[i] / std::sqrt(vi + eps);
-  }
-}
-
-SADDLESCAPE_MULTIVERSION void rmsprop_diag_adam(index_t n, double b, double a, double lr,
-                                                double eps, const double* __restrict g,
-                                                double* __restrict v, double* __restrict x) {
-  const double tiny = std::numeric_limits<double>::min();
-  for (index_t i = 0; i < n; ++i) {
-    double vi = b * v[i] + a * (g[i] * g[i]);
-    vi = vi < tiny ? 0.0 : vi;
-    v[i] = vi;
-    x[i] -= lr * g[i] / (std::sqrt(vi) + eps);
+    x[i] -= lr * g[i] / (std::sqrt(vi + inner) + outer);
   }
 }
 
 // The fused diagonal Adam step: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
 // x <- x - lr_m m / den(c v), with lr_m = lr / (1 - b1^t) and c = 1 / (1 - prod b2).
 SADDLESCAPE_MULTIVERSION void adam_diag(index_t n, double b1, double b2, double lr_m, double c,
-                                        double eps, bool adam_form, const double* __restrict g,
+                                        double inner, double outer, const double* __restrict g,
                                         double* __restrict m, double* __restrict v,
                                         double* __restrict x) {
   const double tiny = std::numeric_limits<double>::min();
-  if (adam_form) {
-    for (index_t i = 0; i < n; ++i) {
-      const double mi = b1 * m[i] + (1.0 - b1) * g[i];
-      double vi = b2 * v[i] + (1.0 - b2) * (g[i] * g[i]);
-      vi = vi < tiny ? 0.0 : vi;
-      m[i] = mi;
-      v[i] = vi;
-      x[i] -= lr_m * mi / (std::sqrt(c * vi) + eps);
-    }
-  } else {
-    for (index_t i = 0; i < n; ++i) {
-      const double mi = b1 * m[i] + (1.0 - b1) * g[i];
-      double vi = b2 * v[i] + (1.0 - b2) * (g[i] * g[i]);
-      vi = vi < tiny ? 0.0 : vi;
-      m[i] = mi;
-      v[i] = vi;
-      x[i] -= lr_m * mi / std::sqrt(c * vi + eps);
-    }
+  for (index_t i = 0; i < n; ++i) {
+    const double mi = b1 * m[i] + (1.0 - b1) * g[i];
+    double vi = b2 * v[i] + (1.0 - b2) * (g[i] * g[i]);
+    vi = vi < tiny ? 0.0 : vi;
+    m[i] = mi;
+    v[i] = vi;
+    x[i] -= lr_m * mi / (std::sqrt(c * vi + inner) + outer);
   }
 }
 
@@ -511,10 +497,10 @@ void rmsprop::move(double* x, const double* g, double lr, sampler*) {
   if (opts_.layout == structure::diag) {
     const double b = beta_at(*beta_, own_updates_);
     check_square_fits(gmax_, "RMSProp");
-    const auto kernel = opts_.form == root_form::adam ? rmsprop_diag_adam : rmsprop_diag_inv_sqrt;
+    const diag_form f(opts_.form, opts_.eps);
     double* v = v_.data();
     detail::parallel_chunks(dim_, [&](unsigned, index_t i, index_t end) {
-      kernel(end - i, b, 1.0 - b, lr, opts_.eps, g + i, v + i, x + i);
+      rmsprop_diag(end - i, b, 1.0 - b, lr, f.inner, f.outer, g + i, v + i, x + i);
     });
     ++own_updates_;
     return;
@@ -720,10 +706,11 @@ void adam::move(double* x, const double* g, double lr, sampler*) {
     const double b = beta_at(*beta2_, updates_);
     check_square_fits(gmax_, "Adam");
     const double product = beta2_product_ * b;
+    const diag_form f(opts_.form, opts_.eps);
     double *m = m_.data(), *v = v_.data();
     detail::parallel_chunks(dim_, [&](unsigned, index_t i, index_t end) {
-      adam_diag(end - i, beta1_, b, lr / m_correction, 1.0 / (1.0 - product), opts_.eps,
-                opts_.form == root_form::adam, g + i, m + i, v + i, x + i);
+      adam_diag(end - i, beta1_, b, lr / m_correction, 1.0 / (1.0 - product), f.inner, f.outer,
+                g + i, m + i, v + i, x + i);
     });
     beta2_product_ = product;
     ++updates_;

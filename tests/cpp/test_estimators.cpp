@@ -25,6 +25,7 @@
 #include <gtest/gtest.h>
 
 #include "expect_throw.hpp"
+#include "table_schedule.hpp"
 #include <Eigen/Dense>
 
 #include <algorithm>
@@ -65,19 +66,7 @@ ss::schedule_ptr beta_schedule(double eta0, double C, double floor) {
       std::make_shared<ss::inverse_sqrt_schedule>(eta0), C, floor);
 }
 
-// beta_t from a table (the last value repeats): lets a schedule leave [0, 1) at a chosen step,
-// which none of the library's schedules does.
-class table_schedule final : public ss::schedule {
- public:
-  explicit table_schedule(std::vector<double> v) : v_(std::move(v)) {}
-  double operator()(std::int64_t t) const override {
-    return t < static_cast<std::int64_t>(v_.size()) ? v_[static_cast<std::size_t>(t)] : v_.back();
-  }
-  std::string describe() const override { return "table"; }
-
- private:
-  std::vector<double> v_;
-};
+using saddlescape_test::table_schedule;
 
 // ---------------------------------------------------------------------------------------------
 // Inputs and the reference.

@@ -34,6 +34,7 @@
 #include <gtest/gtest.h>
 
 #include "expect_throw.hpp"
+#include "table_schedule.hpp"
 #include <Eigen/Dense>
 
 #include <algorithm>
@@ -68,18 +69,7 @@ constexpr double inf_v = std::numeric_limits<double>::infinity();
 ss::schedule_ptr constant(double v) { return std::make_shared<ss::constant_schedule>(v); }
 ss::schedule_ptr inv_sqrt(double eta0) { return std::make_shared<ss::inverse_sqrt_schedule>(eta0); }
 
-// Values from a table (the last repeats): makes each counter's value visible in the result.
-class table_schedule final : public ss::schedule {
- public:
-  explicit table_schedule(std::vector<double> v) : v_(std::move(v)) {}
-  double operator()(std::int64_t t) const override {
-    return t < static_cast<std::int64_t>(v_.size()) ? v_[static_cast<std::size_t>(t)] : v_.back();
-  }
-  std::string describe() const override { return "table"; }
-
- private:
-  std::vector<double> v_;
-};
+using saddlescape_test::table_schedule;
 ss::schedule_ptr table(std::vector<double> v) {
   return std::make_shared<table_schedule>(std::move(v));
 }

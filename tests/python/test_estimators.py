@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 import saddlescape as ss
+from support import blocks_for
 from saddlescape import schedules
 
 FLOATS = [np.float32, np.float64]
@@ -41,17 +42,6 @@ STRUCTURES = ["full", "diag", "block"]
 
 # --------------------------------------------------------------------------------------------
 # references and helpers
-
-
-def blocks_for(d: int) -> list[int]:
-    """Unequal block sizes summing to d, including a 1 x 1 block where d allows."""
-    if d == 1:
-        return [1]
-    if d == 2:
-        return [1, 1]
-    if d < 10:
-        return [1, d - 3, 2]
-    return [d // 3, 1, d - d // 3 - 1]
 
 
 def make(d, structure="full", dtype=np.float64, **kw) -> ss.EMAEstimator:

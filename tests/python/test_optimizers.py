@@ -48,6 +48,7 @@ import pytest
 import scipy.linalg
 
 import saddlescape as ss
+from support import blocks_for
 from saddlescape import problems, schedules
 
 U = float(np.finfo(np.float64).eps)
@@ -60,17 +61,6 @@ DIMS = [1, 2, 7, 60]
 
 # --------------------------------------------------------------------------------------------
 # schedules: the library's and an independent numpy version of each
-
-
-def blocks_for(d: int) -> list[int]:
-    """Unequal block sizes summing to d, with a 1 x 1 block where d allows."""
-    if d == 1:
-        return [1]
-    if d == 2:
-        return [1, 1]
-    if d < 10:
-        return [1, d - 3, 2]
-    return [d // 3, 1, d - d // 3 - 1]
 
 
 def lr_pair(kind: str) -> tuple[Any, Callable[[int], float]]:
