@@ -18,8 +18,11 @@
 /// counts burn-in samples and the hallucinated samples of saddle_escape.
 ///
 /// Errors. step() checks g first: a NaN/Inf entry is an invalid_argument naming it, and x and
-/// the optimizer's state are then exactly as before the call. Optimizers work in float64 and
-/// are not thread-safe (one object per thread).
+/// the optimizer's state are then exactly as before the call. So is a g too large for the
+/// estimate (a numerical_error: max|g|^2 or the estimate's eigenvalues would overflow, or the
+/// step could). The one failure that comes after the estimate has changed is an eigensolver
+/// that does not converge (LAPACK's info > 0, not seen in practice): x is then unchanged but the
+/// estimate holds g. Optimizers work in float64 and are not thread-safe (one per thread).
 
 #include <saddlescape/errors.hpp>
 #include <saddlescape/estimators.hpp>
