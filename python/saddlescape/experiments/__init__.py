@@ -1,0 +1,49 @@
+"""Reproductions of the paper's claims: ``python -m saddlescape.experiments NAME --out DIR``.
+
+Each experiment writes a PNG figure, a CSV of the plotted data and a short text summary into
+``DIR/NAME/`` and returns the summary. ``--quick`` runs a small instance (for tests and a first
+look); ``--seeds N`` sets the number of seeds where the experiment averages over seeds.
+
+Experiments: see :data:`EXPERIMENTS`. The plots need matplotlib
+(``pip install 'saddlescape[experiments]'``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+#: Experiment name -> (module, one-line description).
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "saddle": ("saddle", "Fig. 1: SGD against diagonal RMSProp from the saddle of the Sec. 6 problem"),
+    "beta-schedule": ("beta_schedule",
+                      "Fig. 2: logistic regression, constant beta against beta_t = 1 - C lr_t^(2/3)"),
+    "counterexample": ("counterexample",
+                       "Sec. 3.2: EMA RMSProp against the idealized preconditioner and SGD"),
+    "isotropy": ("isotropy", "Sec. 3.1: covariance of the rescaled noise near a stationary point"),
+    "estimation": ("estimation", "Thm. 4.1: the best beta against the step size"),
+    "escape-time": ("escape_time", "escape times of SGD and RMSProp from the saddle"),
+}
+
+__all__ = ["EXPERIMENTS", "run"]
+
+
+def run(name: str, out: str | Path, quick: bool = False, seeds: int | None = None,
+        data: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Runs one experiment and returns its summary (also written to OUT/NAME/summary.txt).
+
+    Raises:
+        ValueError: an unknown name, seeds < 1, or data given to an experiment without data.
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if data is not None and name != "beta-schedule":
+        raise ValueError(f"--data is for beta-schedule only, not {name}")
+    module = importlib.import_module(f"saddlescape.experiments.{EXPERIMENTS[name][0]}")
+    kwargs: dict[str, Any] = {"quick": quick, "seeds": seeds, "progress": progress}
+    if name == "beta-schedule":
+        kwargs["data"] = data
+    return module.run(Path(out), **kwargs)

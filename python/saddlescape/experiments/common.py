@@ -1,0 +1,114 @@
+"""What every experiment shares: its output files, a progress bar, and seed-band plots.
+
+An experiment writes into its own folder ``OUT/NAME/``: ``NAME.png`` (the figure), ``NAME.csv``
+(the plotted data, one row per point, with a header) and ``summary.txt`` (the numbers that
+matter, one ``key: value`` per line). Its ``run`` returns the summary as a dict.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot with the non-interactive Agg backend, or a clear ImportError."""
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the experiments plot with matplotlib: "
+                          "pip install 'saddlescape[experiments]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclass
+class Output:
+    """The files of one experiment: OUT/NAME/{NAME.png, NAME.csv, summary.txt}."""
+
+    folder: Path
+    name: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, out: str | Path, name: str) -> "Output":
+        folder = Path(out) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder, name)
+
+    @property
+    def png(self) -> Path:
+        return self.folder / f"{self.name}.png"
+
+    @property
+    def csv(self) -> Path:
+        return self.folder / f"{self.name}.csv"
+
+    def write_csv(self, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        with open(self.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for row in rows:
+                w.writerow([_fmt(v) for v in row])
+
+    def save_figure(self, fig: Any) -> None:
+        fig.tight_layout()
+        fig.savefig(self.png, dpi=120)
+        pyplot().close(fig)
+
+    def finish(self, **numbers: Any) -> dict[str, Any]:
+        """Writes summary.txt from the numbers (and those already in self.summary)."""
+        self.summary.update(numbers)
+        lines = [f"{k}: {_fmt(v)}" for k, v in self.summary.items()]
+        (self.folder / "summary.txt").write_text("\n".join(lines) + "\n")
+        return dict(self.summary)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return str(v)
+
+
+class Progress:
+    """A one-line progress bar on stderr (silent when ``enabled`` is false)."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
+        self.label, self.total, self.enabled = label, max(1, total), enabled
+        self.done = 0
+        self.start = time.perf_counter()
+        self._draw()
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        self._draw()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / self.total)
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r{self.label:<28} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{self.done}/{self.total} {elapsed:5.1f}s")
+        sys.stderr.flush()
+
+
+def bands(values: np.ndarray, quantiles: tuple[float, float] = (0.1, 0.9)) -> tuple[np.ndarray, ...]:
+    """The median and a quantile band over seeds (axis 0), ignoring NaN (stopped runs)."""
+    lo, hi = quantiles
+    return (np.nanmedian(values, axis=0), np.nanquantile(values, lo, axis=0),
+            np.nanquantile(values, hi, axis=0))

@@ -1,0 +1,119 @@
+"""The experiments CLI (saddlescape.experiments): each claim asserted with numbers on the quick
+instance, and the files each experiment writes (PNG, CSV with its header, summary.txt)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from saddlescape import experiments  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_summary(folder: Path) -> dict[str, str]:
+    lines = (folder / "summary.txt").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def check_files(out: Path, name: str, header: list[str]) -> list[dict[str, str]]:
+    folder = out / name
+    png = (folder / f"{name}.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    with open(folder / f"{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == header
+    return rows
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("experiments")
+
+
+def test_saddle_rmsprop_reaches_the_basin_and_sgd_at_the_same_step_does_not(out):
+    s = experiments.run("saddle", out, quick=True, progress=False)
+    # the paper's Sec. 6 claim, over seeds: lr = 0.001
+    assert s["rmsprop_lr0.001_fraction_in_basin"] >= 0.75
+    assert s["rmsprop_lr0.001_final_f_median"] < -0.01
+    assert s["sgd_lr0.001_fraction_in_basin"] == 0.0
+    assert abs(s["sgd_lr0.001_final_f_median"]) < 0.002
+    rows = check_files(out, "saddle", ["method", "lr", "step", "f_median", "f_q10", "f_q90"])
+    first = [r for r in rows if r["step"] == "0"]
+    assert all(float(r["f_median"]) == 0.0 for r in first)  # f(0) = 0: every run starts at the saddle
+    assert {(r["method"], float(r["lr"])) for r in rows} == {
+        ("SGD", lr) for lr in (0.03, 0.01, 0.007, 0.001)} | {("RMSProp", lr) for lr in (0.01, 0.001, 0.0001)}
+    summary = read_summary(out / "saddle")
+    assert float(summary["rmsprop_lr0.001_final_f_median"]) == pytest.approx(
+        s["rmsprop_lr0.001_final_f_median"], rel=1e-5)
+    for r in rows:
+        assert float(r["f_q10"]) <= float(r["f_median"]) <= float(r["f_q90"])
+
+
+def test_counterexample_ema_rmsprop_ends_at_the_wrong_end(out):
+    s = experiments.run("counterexample", out, quick=True, progress=False)
+    # C = 20: EMA RMSProp (beta = 0.9) ends with F > 0; the idealized method near -zeta
+    assert s["C20_RMSProp_beta0.9_final_F"] > 0.3
+    assert s["C20_idealized_final_F"] < -0.45
+    assert s["C20_SGD_final_F"] < -0.45
+    # C = 2: everyone converges
+    for m in ("RMSProp_beta0.9", "idealized", "SGD"):
+        assert s[f"C2_{m}_final_F"] < -0.45
+    rows = check_files(out, "counterexample",
+                       ["method", "C", "gap_median", "gap_q10", "gap_q90", "x_final_median"])
+    for r in rows:  # iterates are projected: x in [-1, 1] and the gap in [0, 2 zeta]
+        assert -1.0 <= float(r["x_final_median"]) <= 1.0
+        assert 0.0 <= float(r["gap_median"]) <= 1.0 + 1e-12
+
+
+def test_estimation_exponent_is_near_two_thirds(out):
+    s = experiments.run("estimation", out, quick=True, progress=False)
+    assert abs(s["fitted_exponent"] - 2 / 3) < 0.05
+    rows = check_files(out, "estimation", ["eta", "best_one_minus_beta", "noise_free_best",
+                                           "leading_order"])
+    eta = np.array([float(r["eta"]) for r in rows])
+    best = np.array([float(r["best_one_minus_beta"]) for r in rows])
+    assert np.all(np.diff(eta) > 0) and np.all(np.diff(best) > 0)  # larger steps, shorter memory
+
+
+def test_escape_time_adaptive_escapes_faster_when_escape_noise_is_small(out):
+    s = experiments.run("escape-time", out, quick=True, progress=False)
+    small, large = s["noise0.01_lr0.003_sgd_over_rmsprop"], s["noise1_lr0.003_sgd_over_rmsprop"]
+    assert small > 3.0  # much faster with small noise along the escape direction
+    assert small > 2 * large  # and the advantage grows as that noise shrinks
+    assert s["noise0.01_lr0.003_rmsprop_escaped"] == 1.0
+    rows = check_files(out, "escape-time",
+                       ["method", "escape_noise_variance", "lr", "seed", "escape_step", "escaped"])
+    for r in rows:
+        e, escaped = int(r["escape_step"]), r["escaped"] == "True"
+        assert escaped == (e <= int(s["horizon"]))
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+        experiments.run("nope", tmp_path)
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1, got 0"):
+        experiments.run("saddle", tmp_path, seeds=0)
+    with pytest.raises(ValueError, match="--data is for beta-schedule only"):
+        experiments.run("saddle", tmp_path, data="somewhere")
+
+
+def test_cli(tmp_path):
+    cmd = [sys.executable, "-m", "saddlescape.experiments"]
+    r = subprocess.run(cmd + ["counterexample", "--out", str(tmp_path), "--quick", "--seeds", "2",
+                              "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "== counterexample" in r.stdout and "seeds: 2" in r.stdout
+    assert (tmp_path / "counterexample" / "summary.txt").exists()
+    bad = subprocess.run(cmd + ["nope", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    bad = subprocess.run(cmd + ["saddle", "--out", str(tmp_path), "--seeds", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "seeds must be an integer >= 1" in bad.stderr
