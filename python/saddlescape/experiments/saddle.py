@@ -37,8 +37,8 @@ def settings() -> list[tuple[str, float, Any]]:
 
 def run(out: Path, quick: bool = False, seeds: int | None = None, progress: bool = True) -> dict[str, Any]:
     o = Output.create(out, "saddle")
-    n_seeds = seeds or (8 if quick else 64)
-    every = 10
+    n_seeds = seeds or (8 if quick else 256)
+    every = 50
     p = ss.problems.SaddleProblem()
     bar = Progress("saddle", len(settings()), progress)
     curves = {}
