@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saddlescape import diagnostics, problems, schedules, studies
+from saddlescape import datasets, diagnostics, problems, schedules, studies
 from saddlescape._core import NumericalError
 from saddlescape.estimators import CovarianceEstimator, EMAEstimator, burn_in
 from saddlescape.matrix_functions import diag_inv_sqrt, inv_root, inv_sqrt, inv_sqrt_apply
@@ -37,6 +37,7 @@ __all__ = [
     "beta_from_lr",
     "burn_in",
     "cmake_dir",
+    "datasets",
     "diag_inv_sqrt",
     "diagnostics",
     "get_include",
