@@ -117,3 +117,16 @@ def test_cli(tmp_path):
     bad = subprocess.run(cmd + ["saddle", "--out", str(tmp_path), "--seeds", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "seeds must be an integer >= 1" in bad.stderr
+
+
+def test_all_quick_writes_every_experiment(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "saddlescape.experiments", "all", "--quick",
+                        "--out", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in experiments.EXPERIMENTS:
+        folder = tmp_path / name
+        assert (folder / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+        assert (folder / f"{name}.csv").stat().st_size > 0
+        assert read_summary(folder)
+        assert f"== {name}" in r.stdout
