@@ -13,6 +13,7 @@ dimensions, then the prod(dims) values, big-endian, in row-major order. TYPE is 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -111,7 +112,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarra
     if any(d < 0 for d in shape):
         raise bad(f"negative dimension in shape {shape}")
     dtype = IDX_TYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(int(n) for n in shape) * dtype.itemsize  # Python ints: no overflow
     got = len(data) - header
     if got < expected:
         raise bad(f"truncated data: shape {shape} of {dtype.newbyteorder('=').name} needs "

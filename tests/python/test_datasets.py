@@ -347,7 +347,7 @@ def test_beta_schedule_bad_data_and_arguments(tmp_path: Path,
     # the command line reports it as an error message, not a traceback
     assert cli.main(["beta-schedule", "--out", str(tmp_path / "out"), "--quick",
                      "--data", str(missing), "--no-progress"]) == 2
-    assert "error: --data" in capsys.readouterr().err
+    assert "error in beta-schedule: --data" in capsys.readouterr().err
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
             beta_schedule.run(tmp_path / "out", epochs=bad,  # type: ignore[arg-type]

@@ -252,6 +252,7 @@ def test_stationarity_needs_gradient_and_hessian() -> None:
 
 
 def test_isotropy_experiment_quick(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
     summary = isotropy.run(tmp_path, quick=True, progress=False)
     folder = tmp_path / "isotropy"
     png = (folder / "isotropy.png").read_bytes()

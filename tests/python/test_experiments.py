@@ -53,8 +53,8 @@ def test_saddle_rmsprop_reaches_the_basin_and_sgd_at_the_same_step_does_not(out)
     summary = read_summary(out / "saddle")
     assert float(summary["rmsprop_lr0.001_final_f_median"]) == pytest.approx(
         s["rmsprop_lr0.001_final_f_median"], rel=1e-5)
-    for r in rows:
-        assert float(r["f_q10"]) <= float(r["f_median"]) <= float(r["f_q90"])
+    last = [r for r in rows if r["method"] == "RMSProp" and float(r["lr"]) == 0.001][-1]
+    assert float(last["f_median"]) == pytest.approx(s["rmsprop_lr0.001_final_f_median"], rel=1e-5)
 
 
 def test_counterexample_ema_rmsprop_ends_at_the_wrong_end(out):
@@ -89,11 +89,26 @@ def test_escape_time_adaptive_escapes_faster_when_escape_noise_is_small(out):
     assert small > 3.0  # much faster with small noise along the escape direction
     assert small > 2 * large  # and the advantage grows as that noise shrinks
     assert s["noise0.01_lr0.003_rmsprop_escaped"] == 1.0
+    # the control: SGD with RMSProp's effective step along e_2 escapes about as fast
+    assert 0.5 < s["noise0.01_lr0.003_sgd_scaled_over_rmsprop"] < 2.0
+    assert s["noise0.01_lr0.003_sgd_median_censored"] is False
     rows = check_files(out, "escape-time",
                        ["method", "escape_noise_variance", "lr", "seed", "escape_step", "escaped"])
-    for r in rows:
-        e, escaped = int(r["escape_step"]), r["escaped"] == "True"
-        assert escaped == (e <= int(s["horizon"]))
+    sgd = [int(r["escape_step"]) for r in rows
+           if r["method"] == "SGD" and float(r["escape_noise_variance"]) == 0.01]
+    assert np.median(sgd) == s["noise0.01_lr0.003_sgd_median_escape"]
+
+
+def test_escape_times_censor_runs_that_never_escape():
+    from saddlescape.experiments.escape_time import THRESHOLD, escape_times
+
+    t = np.array([0, 10, 20, 30])
+    x = np.zeros((3, 4, 2))
+    x[0, 2, 1] = THRESHOLD          # escapes at step 20 (the threshold itself counts)
+    x[1, 0, 1] = -2 * THRESHOLD     # escapes at once, in the negative direction
+    x[2, :, 1] = 0.99 * THRESHOLD   # never: censored at horizon + 1
+    x[2, :, 0] = 5.0                # the other coordinate does not count
+    np.testing.assert_array_equal(escape_times(x, t, horizon=30), [20, 0, 31])
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
@@ -103,6 +118,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         experiments.run("saddle", tmp_path, seeds=0)
     with pytest.raises(ValueError, match="--data is for beta-schedule only"):
         experiments.run("saddle", tmp_path, data="somewhere")
+    with pytest.raises(ValueError, match="estimation: --seeds sets its noise replicas"):
+        experiments.run("estimation", tmp_path, seeds=1)
 
 
 def test_cli(tmp_path):
@@ -117,6 +134,12 @@ def test_cli(tmp_path):
     bad = subprocess.run(cmd + ["saddle", "--out", str(tmp_path), "--seeds", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "seeds must be an integer >= 1" in bad.stderr
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    bad = subprocess.run(cmd + ["counterexample", "--quick", "--out", str(a_file)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "error in counterexample:" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_all_quick_writes_every_experiment(tmp_path):

@@ -2,7 +2,9 @@
 
 Each experiment writes a PNG figure, a CSV of the plotted data and a short text summary into
 ``DIR/NAME/`` and returns the summary. ``--quick`` runs a small instance (for tests and a first
-look); ``--seeds N`` sets the number of seeds where the experiment averages over seeds.
+look). ``--seeds N`` sets the independent repetitions: runs per setting for saddle,
+beta-schedule, counterexample and escape-time; Monte-Carlo repetitions (of 400000 gradients
+each) for isotropy; noise replicas of the EMA study for estimation (default 4000, at least 2).
 
 Experiments: see :data:`EXPERIMENTS`. The plots need matplotlib
 (``pip install 'saddlescape[experiments]'``).
@@ -40,8 +42,14 @@ def run(name: str, out: str | Path, quick: bool = False, seeds: int | None = Non
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if name == "estimation" and seeds is not None and seeds < 2:
+        raise ValueError(f"estimation: --seeds sets its noise replicas (default 4000) and must be "
+                         f">= 2, got {seeds}")
     if data is not None and name != "beta-schedule":
         raise ValueError(f"--data is for beta-schedule only, not {name}")
+    from saddlescape.experiments.common import pyplot
+
+    pyplot()  # fail before the runs, not after, if matplotlib is missing
     module = importlib.import_module(f"saddlescape.experiments.{EXPERIMENTS[name][0]}")
     kwargs: dict[str, Any] = {"quick": quick, "seeds": seeds, "progress": progress}
     if name == "beta-schedule":

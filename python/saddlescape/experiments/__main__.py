@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(name, args.out, quick=args.quick, seeds=args.seeds,
                           data=args.data if name == "beta-schedule" else None,
                           progress=not args.no_progress)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (ValueError, ImportError, OSError, ArithmeticError) as e:
+            # A bad argument, a missing optional dependency, an unwritable folder or a run
+            # that diverged: one line naming the experiment, not a traceback.
+            print(f"error in {name}: {e}", file=sys.stderr)
             return 2
         print(f"== {name} ({time.perf_counter() - start:.1f} s) -> {args.out}/{name}/")
         for k, v in summary.items():

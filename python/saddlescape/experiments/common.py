@@ -17,17 +17,35 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot with the non-interactive Agg backend, or a clear ImportError."""
+class _Plotter:
+    """The few pyplot calls the experiments make, on matplotlib's object-oriented API: figures
+    are made without pyplot, so that running an experiment from a notebook leaves the
+    session's plotting backend alone (PNG files are drawn by the Agg canvas either way)."""
+
+    def __init__(self, matplotlib: Any) -> None:
+        self._mpl = matplotlib
+
+    def subplots(self, *args: Any, figsize: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+    def get_cmap(self, name: str) -> Any:
+        return self._mpl.colormaps[name]
+
+    def close(self, fig: Any) -> None:
+        fig.clear()
+
+
+def pyplot() -> _Plotter:
+    """A pyplot-like plotter (subplots, get_cmap, close), or a clear ImportError."""
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the experiments plot with matplotlib: "
                           "pip install 'saddlescape[experiments]'") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Plotter(matplotlib)
 
 
 @dataclass
@@ -108,7 +126,7 @@ class Progress:
 
 
 def bands(values: np.ndarray, quantiles: tuple[float, float] = (0.1, 0.9)) -> tuple[np.ndarray, ...]:
-    """The median and a quantile band over seeds (axis 0), ignoring NaN (stopped runs)."""
+    """The median and a quantile band over seeds (axis 0)."""
     lo, hi = quantiles
-    return (np.nanmedian(values, axis=0), np.nanquantile(values, lo, axis=0),
-            np.nanquantile(values, hi, axis=0))
+    return (np.median(values, axis=0), np.quantile(values, lo, axis=0),
+            np.quantile(values, hi, axis=0))
