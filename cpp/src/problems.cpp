@@ -78,6 +78,19 @@ matrix psd_factor(const std::vector<double>& a, index_t d) {
   return es.eigenvectors() * root.asDiagonal() * es.eigenvectors().transpose();
 }
 
+// G = grad F(x) grad F(x)^T + cov: E[g g^T] for gradient noise of covariance cov that does not
+// depend on x (the saddle problem, noisy quadratics).
+void second_moment_with_fixed_noise(const problem& p, const double* x,
+                                    const std::vector<double>& cov, double* G) {
+  const index_t d = p.dim();
+  std::vector<double> g(static_cast<std::size_t>(d));
+  p.gradient(x, g.data());
+  for (index_t i = 0; i < d; ++i)
+    for (index_t j = 0; j < d; ++j)
+      G[i * d + j] = g[static_cast<std::size_t>(i)] * g[static_cast<std::size_t>(j)] +
+                     cov[static_cast<std::size_t>(i * d + j)];
+}
+
 class default_sampler final : public sampler {
  public:
   default_sampler(const problem& p, std::uint64_t seed) : p_(p), r_(seed) {}
@@ -259,14 +272,7 @@ double saddle_problem::lambda_min(const double* x) const {
 }
 
 void saddle_problem::second_moment(const double* x, double* G) const {
-  // E[g g^T] = grad F grad F^T + Cov(b): the noise is independent of x.
-  const index_t d = dim();
-  std::vector<double> g(static_cast<std::size_t>(d));
-  gradient(x, g.data());
-  for (index_t i = 0; i < d; ++i)
-    for (index_t j = 0; j < d; ++j)
-      G[i * d + j] = g[static_cast<std::size_t>(i)] * g[static_cast<std::size_t>(j)] +
-                     cov_[static_cast<std::size_t>(i * d + j)];
+  second_moment_with_fixed_noise(*this, x, cov_, G);  // the b_i do not depend on x
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,12 +357,7 @@ void noisy_quadratic::hessian(const double*, double* H) const {
 }
 
 void noisy_quadratic::second_moment(const double* x, double* G) const {
-  std::vector<double> g(static_cast<std::size_t>(d_));
-  gradient(x, g.data());
-  for (index_t i = 0; i < d_; ++i)
-    for (index_t j = 0; j < d_; ++j)
-      G[i * d_ + j] = g[static_cast<std::size_t>(i)] * g[static_cast<std::size_t>(j)] +
-                      cov_[static_cast<std::size_t>(i * d_ + j)];
+  second_moment_with_fixed_noise(*this, x, cov_, G);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -37,6 +37,14 @@ def int32(name: str, value: Any) -> int:
     return n
 
 
+def seed(value: Any) -> int:
+    """A seed of the native generator: an integer in [0, 2**64), else a ValueError."""
+    s = integer("seed", value)
+    if not 0 <= s < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {s}")
+    return s
+
+
 def float_dtype(dtype: Any) -> np.dtype:
     """float32 or float64 as a numpy dtype; anything else is a ValueError."""
     try:

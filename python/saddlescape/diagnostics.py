@@ -35,6 +35,7 @@ from saddlescape import problems as _problems
 from saddlescape._validation import integer as _integer
 from saddlescape._validation import real as _real
 from saddlescape._validation import real_array as _real_array
+from saddlescape._validation import seed as _seed
 from saddlescape.matrix_functions import inv_sqrt
 
 __all__ = [
@@ -174,9 +175,7 @@ def rescaled_noise_covariance(problem: Any, x: npt.ArrayLike, A: Preconditioner 
     nn = _integer("n", n)
     if nn < 2:
         raise ValueError(f"n must be an integer >= 2, got {nn}")
-    sd = _integer("seed", seed)
-    if not 0 <= sd < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {sd}")
+    sd = _seed(seed)
     d = p.dim
     if A is None:
         Am = np.eye(d)

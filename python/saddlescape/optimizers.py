@@ -22,6 +22,7 @@ An optimizer is built for one dimension; SGD and PreconditionedSGD learn it from
 
 from __future__ import annotations
 
+import abc
 import copy
 from typing import Any, Callable, Sequence
 
@@ -44,6 +45,10 @@ def _choice(name: str, value: Any, options: Sequence[str]) -> str:
     return value
 
 
+def _blocks(block_sizes: Sequence[int] | None) -> list[int]:
+    return [] if block_sizes is None else [_integer("block_sizes entry", b) for b in block_sizes]
+
+
 def _dim(value: Any) -> int:
     d = _integer("dim", value)
     if d < 1:
@@ -61,13 +66,14 @@ def _native_function(fn: Any) -> int | None:
     return None
 
 
-class Optimizer:
+class Optimizer(abc.ABC):
     """Base class: the native object behind an optimizer, built once its dimension is known."""
 
     _native_obj: _core.Optimizer | None = None
 
+    @abc.abstractmethod
     def _make(self, dim: int) -> _core.Optimizer:
-        raise NotImplementedError
+        """The native optimizer for dimension dim (validated arguments, so errors name them)."""
 
     def _parts(self) -> list[Any]:
         """The native objects this optimizer steps (itself, and a SaddleEscape's base)."""
@@ -239,12 +245,15 @@ class RMSProp(Optimizer):
                  burn_in: int = 0, refresh_every: int = 1,
                  block_sizes: Sequence[int] | None = None, solver: str = "eigh",
                  tol: float = 1e-10) -> None:
-        blocks = [] if block_sizes is None else [_integer("block_sizes entry", b) for b in block_sizes]
-        self._native_obj = _core.RMSProp(
-            _dim(dim), as_schedule("lr", lr), as_schedule("beta", beta), _real("eps", eps),
+        self._args = (
+            as_schedule("lr", lr), as_schedule("beta", beta), _real("eps", eps),
             _choice("structure", structure, _STRUCTURES), _choice("form", form, ("inv_sqrt", "adam")),
-            _integer("burn_in", burn_in), _integer("refresh_every", refresh_every), blocks,
-            _choice("solver", solver, ("eigh", "lowrank")), _real("tol", tol))
+            _integer("burn_in", burn_in), _integer("refresh_every", refresh_every),
+            _blocks(block_sizes), _choice("solver", solver, ("eigh", "lowrank")), _real("tol", tol))
+        self._native(dim)  # built now: its dimension is known, and bad arguments fail here
+
+    def _make(self, dim: int) -> _core.Optimizer:
+        return _core.RMSProp(dim, *self._args)
 
     @property
     def burn_in_remaining(self) -> int:
@@ -275,12 +284,15 @@ class Adam(Optimizer):
                  beta2: float | Schedule = 0.999, eps: float = 1e-8, structure: str = "diag",
                  form: str = "adam", refresh_every: int = 1,
                  block_sizes: Sequence[int] | None = None) -> None:
-        blocks = [] if block_sizes is None else [_integer("block_sizes entry", b) for b in block_sizes]
-        self._native_obj = _core.Adam(
-            _dim(dim), as_schedule("lr", lr), _real("beta1", beta1), as_schedule("beta2", beta2),
+        self._args = (
+            as_schedule("lr", lr), _real("beta1", beta1), as_schedule("beta2", beta2),
             _real("eps", eps), _choice("structure", structure, _STRUCTURES),
             _choice("form", form, ("inv_sqrt", "adam")), _integer("refresh_every", refresh_every),
-            blocks)
+            _blocks(block_sizes))
+        self._native(dim)  # built now: its dimension is known, and bad arguments fail here
+
+    def _make(self, dim: int) -> _core.Optimizer:
+        return _core.Adam(dim, *self._args)
 
 
 class SaddleEscape(Optimizer):

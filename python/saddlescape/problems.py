@@ -22,6 +22,7 @@ from saddlescape import _core
 from saddlescape._validation import integer as _integer
 from saddlescape._validation import real as _real
 from saddlescape._validation import real_array as _real_array
+from saddlescape._validation import seed as _seed
 
 Problem = _core.Problem
 Sampler = _core.Sampler
@@ -40,13 +41,6 @@ __all__ = [
 ]
 
 _f64 = np.dtype(np.float64)
-
-
-def _seed(value: Any) -> int:
-    s = _integer("seed", value)
-    if not 0 <= s < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {s}")
-    return s
 
 
 def _vector_or_matrix(name: str, value: Any, d: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from saddlescape import _core
 from saddlescape._core import NumericalError
 from saddlescape._validation import integer as _integer
 from saddlescape._validation import real_array as _real_array
+from saddlescape._validation import seed as _seed
 from saddlescape.optimizers import Optimizer
 from saddlescape.problems import as_problem
 
@@ -101,13 +102,6 @@ class RunManyResult:
         return RunResult(self.t, pick(self.f), pick(self.grad_norm), pick(self.lambda_min),
                          pick(self.x), self.x_final[i], self.status[i], int(self.stopped_at[i]),
                          self.message[i], int(self.seeds[i]))
-
-
-def _seed(value: Any) -> int:
-    s = _integer("seed", value)
-    if not 0 <= s < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {s}")
-    return s
 
 
 def _check_common(optimizer: Any, x0: Any, steps: Any, record_every: Any, on_error: str):
