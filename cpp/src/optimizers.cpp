@@ -1,5 +1,7 @@
 #include <saddlescape/optimizers.hpp>
 
+#include <saddlescape/detail/formulas.hpp>
+
 #include "checks.hpp"
 #include "lapack.hpp"
 #include "multiversion.hpp"
@@ -109,9 +111,7 @@ void apply_direction(double* x, const double* dir, index_t d, double lr, const c
   for (index_t i = 0; i < d; ++i) x[i] -= lr * dir[i];
 }
 
-// Both forms with one expression: den = sqrt(v + inner) + outer, with (inner, outer) =
-// (eps, 0) for inv_sqrt and (0, eps) for adam. Adding a zero is exact, so each form gets
-// exactly its own formula's rounding, and one loop serves both.
+// (inner, outer) of detail::diag_denominator for a form: one loop serves both forms.
 struct diag_form {
   double inner, outer;
   diag_form(root_form form, double eps)
@@ -124,12 +124,10 @@ struct diag_form {
 SADDLESCAPE_MULTIVERSION void rmsprop_diag(index_t n, double b, double a, double lr, double inner,
                                            double outer, const double* __restrict g,
                                            double* __restrict v, double* __restrict x) {
-  const double tiny = std::numeric_limits<double>::min();
   for (index_t i = 0; i < n; ++i) {
-    double vi = b * v[i] + a * (g[i] * g[i]);
-    vi = vi < tiny ? 0.0 : vi;
+    const double vi = detail::diag_ema(v[i], g[i], b, a);
     v[i] = vi;
-    x[i] -= lr * g[i] / (std::sqrt(vi + inner) + outer);
+    x[i] -= lr * g[i] / detail::diag_denominator(vi, inner, outer);
   }
 }
 
@@ -139,14 +137,12 @@ SADDLESCAPE_MULTIVERSION void adam_diag(index_t n, double b1, double b2, double 
                                         double inner, double outer, const double* __restrict g,
                                         double* __restrict m, double* __restrict v,
                                         double* __restrict x) {
-  const double tiny = std::numeric_limits<double>::min();
   for (index_t i = 0; i < n; ++i) {
     const double mi = b1 * m[i] + (1.0 - b1) * g[i];
-    double vi = b2 * v[i] + (1.0 - b2) * (g[i] * g[i]);
-    vi = vi < tiny ? 0.0 : vi;
+    const double vi = detail::diag_ema(v[i], g[i], b2, 1.0 - b2);
     m[i] = mi;
     v[i] = vi;
-    x[i] -= lr_m * mi / (std::sqrt(c * vi + inner) + outer);
+    x[i] -= lr_m * mi / detail::diag_denominator(c * vi, inner, outer);
   }
 }
 
@@ -170,11 +166,7 @@ SADDLESCAPE_MULTIVERSION std::int64_t max_abs_bits(index_t n, const double* __re
 
 // v <- b v + a g^2 without moving x (burn-in and hallucinated samples of the diagonal rules).
 void diag_observe(index_t n, double b, double a, const double* g, double* v) {
-  const double tiny = std::numeric_limits<double>::min();
-  for (index_t i = 0; i < n; ++i) {
-    const double vi = b * v[i] + a * (g[i] * g[i]);
-    v[i] = vi < tiny ? 0.0 : vi;
-  }
+  for (index_t i = 0; i < n; ++i) v[i] = detail::diag_ema(v[i], g[i], b, a);
 }
 
 double checked_lr(double rate, std::int64_t t) {

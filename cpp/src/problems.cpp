@@ -1,5 +1,7 @@
 #include <saddlescape/problems.hpp>
 
+#include <saddlescape/detail/formulas.hpp>
+
 #include "checks.hpp"
 
 #include <Eigen/Cholesky>
@@ -17,24 +19,8 @@ namespace {
 using matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using cmap = Eigen::Map<const matrix>;
 
-// x^k for a small integer k >= 0 by repeated squaring: exact to rounding, and much cheaper
-// than std::pow in the inner loop of the saddle problem's gradient.
-inline double ipow(double x, int k) {
-  double r = 1.0;
-  while (k > 0) {
-    if (k & 1) r *= x;
-    x *= x;
-    k >>= 1;
-  }
-  return r;
-}
-
-// g = H x + power x^(power - 1) + shift, for the diagonal H = diag(h): the saddle problem's
-// gradient, with shift a component b_i (stochastic) or their mean (exact).
-inline void saddle_gradient(const double* h, const double* shift, const double* x, index_t d,
-                            int power, double* g) {
-  for (index_t j = 0; j < d; ++j) g[j] = h[j] * x[j] + power * ipow(x[j], power - 1) + shift[j];
-}
+using detail::ipow;
+using detail::saddle_gradient;
 
 void expect_all_finite(const std::vector<double>& v, const char* name) {
   for (std::size_t i = 0; i < v.size(); ++i)

@@ -1,5 +1,7 @@
 #include <saddlescape/schedules.hpp>
 
+#include <saddlescape/detail/formulas.hpp>
+
 #include <cmath>
 #include <utility>
 
@@ -19,7 +21,7 @@ inverse_sqrt_schedule::inverse_sqrt_schedule(double eta0) : eta0_(eta0) {
 }
 
 double inverse_sqrt_schedule::operator()(std::int64_t t) const {
-  return eta0_ / std::sqrt(static_cast<double>(t) + 1.0);
+  return detail::inverse_sqrt_lr(eta0_, t);
 }
 
 std::string inverse_sqrt_schedule::describe() const {
@@ -31,19 +33,12 @@ void check_beta_args(double C, double floor) {
   SADDLESCAPE_EXPECTS(std::isfinite(C) && C > 0, "C must be finite and > 0, got ", C);
   SADDLESCAPE_EXPECTS(floor >= 0 && floor < 1, "floor must be in [0, 1), got ", floor);
 }
-
-double clipped_beta(double lr, double C, double floor) {
-  const double r = std::cbrt(lr);  // lr^(2/3) as cbrt(lr)^2: lr * lr would overflow or underflow
-  const double beta = 1.0 - C * r * r;
-  const double below_one = std::nextafter(1.0, 0.0);
-  return beta < floor ? floor : (beta > below_one ? below_one : beta);
-}
 }  // namespace
 
 double beta_from_lr(double lr, double C, double floor) {
   SADDLESCAPE_EXPECTS(std::isfinite(lr) && lr > 0, "lr must be finite and > 0, got ", lr);
   check_beta_args(C, floor);
-  return clipped_beta(lr, C, floor);
+  return detail::clipped_beta(lr, C, floor);
 }
 
 beta_from_lr_schedule::beta_from_lr_schedule(schedule_ptr lr, double C, double floor)
@@ -61,7 +56,7 @@ double beta_from_lr_schedule::operator()(std::int64_t t) const {
   if (!(std::isfinite(lr) && lr > 0))
     throw invalid_argument(concat("beta_from_lr_schedule: lr_", t, " = ", lr,
                                   " from ", lr_->describe(), " must be finite and > 0"));
-  return clipped_beta(lr, c_, floor_);
+  return detail::clipped_beta(lr, c_, floor_);
 }
 
 std::string beta_from_lr_schedule::describe() const {

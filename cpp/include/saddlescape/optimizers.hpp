@@ -129,6 +129,7 @@ class sgd final : public optimizer {
   double lr(std::int64_t t) const override { return (*lr_)(t); }
   std::string describe() const override;
   std::string kind() const override { return "SGD"; }
+  const schedule_ptr& lr_schedule() const noexcept { return lr_; }
 
  protected:
   void move(double* x, const double* g, double lr, sampler* source) override;
@@ -205,6 +206,8 @@ class rmsprop final : public optimizer {
   std::string describe() const override;
   std::string kind() const override { return "RMSProp"; }
   const rmsprop_options& options() const noexcept { return opts_; }
+  const schedule_ptr& lr_schedule() const noexcept { return lr_; }
+  const schedule_ptr& beta_schedule() const noexcept { return beta_; }
   /// Updates of the estimate so far.
   std::int64_t updates() const noexcept;
   /// The estimate G_t in the layout of ema_estimator::estimate() (d x d, d, or blocks).

@@ -107,6 +107,8 @@ class saddle_problem final : public problem {
   int power() const noexcept { return power_; }
   /// The exact noise covariance (1/n) sum_i b_i b_i^T of the components.
   const std::vector<double>& noise_cov() const noexcept { return cov_; }
+  /// The mean of the components (exactly 0 up to rounding unless built from_components).
+  const std::vector<double>& mean() const noexcept { return mean_; }
 
  private:
   saddle_problem(std::vector<double> h, int power);
@@ -168,6 +170,10 @@ class noisy_quadratic final : public problem {
   const std::vector<double>& H() const noexcept { return h_; }
   /// The noise covariance as d x d.
   const std::vector<double>& noise_cov() const noexcept { return cov_; }
+  /// Whether the noise covariance is diagonal; then noise_factor() holds the d standard
+  /// deviations, else the d x d row-major factor L (L L^T = noise_cov) with g = H x + L z.
+  bool diagonal_noise() const noexcept { return diagonal_; }
+  const std::vector<double>& noise_factor() const noexcept { return factor_; }
 
  private:
   index_t d_;

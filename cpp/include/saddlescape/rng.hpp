@@ -2,7 +2,8 @@
 /// @file rng.hpp
 /// The random number generator of every native run, fixed so that a seed names one result
 /// bit for bit on every platform and compiler (the standard library's distributions are
-/// implementation-defined, so none is used).
+/// implementation-defined, so none is used). The same class runs on CUDA devices (one
+/// generator per thread), so a GPU run draws exactly what the CPU run with that seed draws.
 ///
 /// Generator: xoshiro256** (Blackman and Vigna, 2018), its 256-bit state filled from the
 /// 64-bit seed by four outputs of splitmix64.
@@ -11,6 +12,8 @@
 /// - normal(): Marsaglia's polar method on pairs of uniform(2 u - 1) draws; the second normal
 ///   of each accepted pair is kept and returned by the next call.
 
+#include <saddlescape/detail/formulas.hpp>
+
 #include <cmath>
 #include <cstdint>
 
@@ -18,9 +21,9 @@ namespace saddlescape {
 
 class rng {
  public:
-  explicit rng(std::uint64_t seed = 0) noexcept { reseed(seed); }
+  SADDLESCAPE_HD explicit rng(std::uint64_t seed = 0) noexcept { reseed(seed); }
 
-  void reseed(std::uint64_t seed) noexcept {
+  SADDLESCAPE_HD void reseed(std::uint64_t seed) noexcept {
     std::uint64_t z = seed;
     for (auto& word : s_) word = splitmix64(z);
     has_spare_ = false;
@@ -28,7 +31,7 @@ class rng {
   }
 
   /// The next 64 random bits.
-  std::uint64_t next() noexcept {
+  SADDLESCAPE_HD std::uint64_t next() noexcept {
     const std::uint64_t result = rotl(s_[1] * 5, 7) * 9;
     const std::uint64_t t = s_[1] << 17;
     s_[2] ^= s_[0];
@@ -41,10 +44,12 @@ class rng {
   }
 
   /// Uniform on [0, 1), a multiple of 2^-53.
-  double uniform() noexcept { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+  SADDLESCAPE_HD double uniform() noexcept {
+    return static_cast<double>(next() >> 11) * 0x1.0p-53;
+  }
 
   /// Uniform on {0, ..., n - 1}; n >= 1.
-  std::uint64_t below(std::uint64_t n) noexcept {
+  SADDLESCAPE_HD std::uint64_t below(std::uint64_t n) noexcept {
     std::uint64_t high;
     std::uint64_t low = multiply(next(), n, high);
     if (low < n) {
@@ -55,7 +60,7 @@ class rng {
   }
 
   /// Standard normal.
-  double normal() noexcept {
+  SADDLESCAPE_HD double normal() noexcept {
     if (has_spare_) {
       has_spare_ = false;
       return spare_;
@@ -78,8 +83,10 @@ class rng {
     bool has_spare;
     double spare;
   };
-  state save() const noexcept { return {{s_[0], s_[1], s_[2], s_[3]}, has_spare_, spare_}; }
-  void load(const state& st) noexcept {
+  SADDLESCAPE_HD state save() const noexcept {
+    return {{s_[0], s_[1], s_[2], s_[3]}, has_spare_, spare_};
+  }
+  SADDLESCAPE_HD void load(const state& st) noexcept {
     for (int i = 0; i < 4; ++i) s_[i] = st.s[i];
     has_spare_ = st.has_spare;
     spare_ = st.spare;
@@ -87,8 +94,12 @@ class rng {
 
  private:
   // The 128-bit product a * b: returns the low word and stores the high one.
-  static std::uint64_t multiply(std::uint64_t a, std::uint64_t b, std::uint64_t& high) noexcept {
-#ifdef __SIZEOF_INT128__
+  SADDLESCAPE_HD static std::uint64_t multiply(std::uint64_t a, std::uint64_t b,
+                                               std::uint64_t& high) noexcept {
+#if defined(__CUDA_ARCH__)
+    high = __umul64hi(a, b);
+    return a * b;
+#elif defined(__SIZEOF_INT128__)
     __extension__ using u128 = unsigned __int128;
     const u128 m = static_cast<u128>(a) * b;
     high = static_cast<std::uint64_t>(m >> 64);
@@ -101,8 +112,10 @@ class rng {
     return (mid << 32) | (p00 & 0xffffffffu);
 #endif
   }
-  static std::uint64_t rotl(std::uint64_t x, int k) noexcept { return (x << k) | (x >> (64 - k)); }
-  static std::uint64_t splitmix64(std::uint64_t& z) noexcept {
+  SADDLESCAPE_HD static std::uint64_t rotl(std::uint64_t x, int k) noexcept {
+    return (x << k) | (x >> (64 - k));
+  }
+  SADDLESCAPE_HD static std::uint64_t splitmix64(std::uint64_t& z) noexcept {
     z += 0x9e3779b97f4a7c15ULL;
     std::uint64_t r = z;
     r = (r ^ (r >> 30)) * 0xbf58476d1ce4e5b9ULL;
