@@ -67,7 +67,8 @@ void call_vector(const py::object& fn, const double* x, index_t dim, double* out
   py::array a = py::array::ensure(r);
   if (a && a.ndim() == 0 && dim == 1) a = a.reshape({1});
   SADDLESCAPE_EXPECTS(a && a.ndim() == 1 && a.shape(0) == dim, what, " must return an array of shape (",
-                      dim, ",), got ", a ? shape_string(a) : std::string(py::str(r.get_type())));
+                      dim, ",), got ",
+                      a ? shape_string(a) : std::string(py::str(py::type::handle_of(r))));
   const char kind = a.dtype().kind();
   SADDLESCAPE_EXPECTS(kind == 'f' || kind == 'i' || kind == 'u', what,
                       " must return real numbers, got dtype ", dtype_string(a));
@@ -113,7 +114,7 @@ class py_problem final : public problem {
       return r.cast<double>();
     } catch (const py::cast_error&) {
       throw invalid_argument("value must return a real number, got " +
-                             std::string(py::str(r.get_type())));
+                             std::string(py::str(py::type::handle_of(r))));
     }
   }
   bool has_gradient() const noexcept override { return !gradient_->obj.is_none(); }
@@ -375,7 +376,7 @@ optimizer_state state_from_python(const py::dict& d) {
                       (py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v) ||
                        py::hasattr(v, "dtype"));
     SADDLESCAPE_EXPECTS(real, "the state's '", name, "' must be a real number, got ",
-                        std::string(py::str(v.get_type())));
+                        std::string(py::str(py::type::handle_of(v))));
     try {
       st.scalars[name] = v.cast<double>();
     } catch (const py::cast_error&) {
@@ -448,7 +449,8 @@ void bind_optimizers(py::module_& m) {
                const bool full = a && a.ndim() == 2 && a.shape(0) == dim && a.shape(1) == dim;
                SADDLESCAPE_EXPECTS(diag || full, "the preconditioner must return an array of "
                                    "shape (", dim, ",) or (", dim, ", ", dim, "), got ",
-                                   a ? shape_string(a) : std::string(py::str(r.get_type())));
+                                   a ? shape_string(a)
+                                     : std::string(py::str(py::type::handle_of(r))));
                expect_float(a, "the preconditioner's result");
                const darray A = darray::ensure(a);
                const double* p = A.data();

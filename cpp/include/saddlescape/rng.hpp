@@ -69,7 +69,13 @@ class rng {
     do {
       u = 2.0 * uniform() - 1.0;
       v = 2.0 * uniform() - 1.0;
+#if defined(__CUDA_ARCH__)
+      // Rounded as on the host: a fused multiply-add could move s across 1.0 and change
+      // which pairs are accepted, and with them every later draw of the stream.
+      s = __dadd_rn(__dmul_rn(u, u), __dmul_rn(v, v));
+#else
       s = u * u + v * v;
+#endif
     } while (s >= 1.0 || s == 0.0);
     const double f = std::sqrt(-2.0 * std::log(s) / s);
     spare_ = v * f;

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check (issue: CUDA backend). On a machine with a CUDA GPU and no network, with CUDA 13,
+# the nvidia-cublas/nvidia-cusolver wheels, torch, cupy, cmake, ninja, pybind11 and
+# scikit-build-core installed (the H200 image has all of them):
+#   1. builds and installs the package with the CUDA backend (SADDLESCAPE_ENABLE_CUDA=ON),
+#   2. runs the C++ smoke test and tests/gpu,
+#   3. times batched inverse roots, the diagonal step and the many-seed runner
+#      (bench/gpu/bench_gpu.py), printing a short table last.
+# The build needs scipy-openblas32 and cmeel-eigen, which that image lacks: run
+# bench/gpu/fetch_wheels.sh first where there is network, and carry .whl/.
+# Usage: bash bench/gpu/check.sh   (writes logs and results to $OUT, or /tmp/saddlescape-gpu)
+# Budget: about 5 minutes on an H200 (build ~2 min, tests < 1 min, benchmarks ~1.5 min).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-/tmp/saddlescape-gpu}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
+
+stamp "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvcc --version | tail -2
+"$python" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  stamp "installing the carried wheels (.whl)"
+  "$python" -m pip install -q --no-index --no-deps .whl/*.whl || exit 1
+fi
+
+stamp "build and install with the CUDA backend"
+# No build isolation: the build must see the installed nvidia wheels (cuBLAS/cuSOLVER).
+if ! "$python" -m pip install -v --no-build-isolation --no-deps --no-index \
+    -Ccmake.define.SADDLESCAPE_ENABLE_CUDA=ON -Cbuild-dir=build/gpu-wheel . >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  echo "check.sh: the build failed (full log: $out/build.log)"
+  exit 1
+fi
+grep -E "saddlescape: CUDA|CUDA backend" "$out/build.log" | head -3
+"$python" - <<'PY' || exit 1
+import saddlescape.cuda as c
+print("saddlescape.cuda.is_available():", c.is_available(), c.unavailable_reason())
+assert c.is_available(), "the CUDA backend was built but is not available"
+PY
+
+stamp "C++ build with the CUDA smoke test"
+cmake -S . -B build/gpu-cpp -G Ninja -DPython_EXECUTABLE="$(command -v "$python")" \
+  -DSADDLESCAPE_ENABLE_CUDA=ON -DSADDLESCAPE_BUILD_TESTS=OFF -DSADDLESCAPE_BUILD_BENCH=OFF \
+  >"$out/cpp.log" 2>&1 && cmake --build build/gpu-cpp --target saddlescape_cuda_smoke >>"$out/cpp.log" 2>&1 \
+  && build/gpu-cpp/tests/cpp/cuda/saddlescape_cuda_smoke \
+  || { tail -30 "$out/cpp.log"; echo "check.sh: the C++ smoke test failed to build or pass"; }
+
+stamp "tests/gpu"
+timeout 240 "$python" -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -25
+
+stamp "benchmarks"
+timeout 240 "$python" bench/gpu/bench_gpu.py --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+stamp "done"
