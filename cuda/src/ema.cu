@@ -109,7 +109,7 @@ void ema_update_batched(context& ctx, T* G, std::int64_t n, std::int64_t d, cons
   // Sizes are products of these; keep every index of n * d * d and n * k * d inside int64.
   constexpr std::int64_t limit = std::int64_t(1) << 62;
   SADDLESCAPE_EXPECTS(d <= (std::int64_t(1) << 31) && n <= limit / (d * d) &&
-                          k <= limit / d && n * k <= limit / d,
+                          k <= limit / d && n <= limit / (k * d),
                       "the batch is too large: n = ", n, ", d = ", d, ", k = ", k);
   if (n == 0) return;
   context::impl& c = detail::enter(ctx);
