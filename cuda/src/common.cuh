@@ -1,7 +1,7 @@
 #pragma once
 // Shared by the CUDA sources: error checks that turn CUDA, cuBLAS and cuSOLVER failures into
-// exceptions, device memory owned by RAII, the context's handles and scratch, and the
-// device-side "is this input bad" flags that checks read back before anything is changed.
+// exceptions, device memory owned by RAII, the context's handles, and the device-side scan
+// whose verdict checks read back before anything is changed.
 
 #include <saddlescape/cuda.hpp>
 
@@ -40,14 +40,22 @@ using saddlescape::detail::concat;
 /// After a kernel launch: a bad configuration shows up here, a fault at the next sync.
 #define SADDLESCAPE_LAUNCHED() SADDLESCAPE_CUDA(cudaGetLastError())
 
-/// Device memory of `count` T, freed on destruction (stream-ordered on the context's stream).
+/// The library's own stream-ordered memory pool on the current device: work buffers come from
+/// it, and it keeps freed memory for the next call instead of unmapping it at every
+/// synchronisation (which costs milliseconds for the buffers of a large batch). It is private,
+/// so the default pool that other libraries in the process use keeps its own settings.
+cudaMemPool_t memory_pool();
+
+/// Device memory of `count` T from memory_pool(), freed on destruction, stream-ordered on the
+/// stream it was allocated on (which must outlive it: buffers live within one call).
 template <class T>
 class device_buffer {
  public:
   device_buffer() = default;
   device_buffer(std::size_t count, cudaStream_t stream) : stream_(stream), count_(count) {
     if (count > 0)
-      SADDLESCAPE_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&p_), count * sizeof(T), stream));
+      SADDLESCAPE_CUDA(cudaMallocFromPoolAsync(reinterpret_cast<void**>(&p_), count * sizeof(T),
+                                               memory_pool(), stream));
   }
   ~device_buffer() {
     if (p_ && cudaFreeAsync(p_, stream_) != cudaSuccess) cudaGetLastError();
@@ -96,14 +104,10 @@ struct context::impl {
   int sms = 1;  // multiprocessors of the device
   cublasHandle_t blas = nullptr;
   cusolverDnHandle_t solver = nullptr;
-  // Device scratch reused across calls (grown, never shrunk).
-  detail::device_buffer<unsigned char> scratch;
-  // The two words scan() reads back, in pinned host memory.
+  // The two words scan() reads back: on the device (plain cudaMalloc, not stream-ordered, so
+  // the context may change streams) and in pinned host memory.
+  unsigned long long* words = nullptr;
   unsigned long long* host_words = nullptr;
-  detail::device_buffer<unsigned long long> words;
-
-  /// At least `bytes` of device scratch (contents undefined; valid until the next call).
-  void* scratch_bytes(std::size_t bytes);
 };
 
 }  // namespace saddlescape::cuda

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <cstring>
 
 namespace saddlescape::cuda {
@@ -34,6 +36,25 @@ unsigned int grid_for(std::int64_t n, unsigned int block) {
   const std::int64_t cap =
       static_cast<std::int64_t>(current_sms.load(std::memory_order_relaxed)) * (2048 / block) * 4;
   return static_cast<unsigned int>(std::clamp<std::int64_t>(blocks, 1, cap));
+}
+
+cudaMemPool_t memory_pool() {
+  static std::mutex mutex;
+  static std::map<int, cudaMemPool_t> pools;  // per device, for the life of the process
+  int device = 0;
+  SADDLESCAPE_CUDA(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  cudaMemPool_t& pool = pools[device];
+  if (!pool) {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    SADDLESCAPE_CUDA(cudaMemPoolCreate(&pool, &props));
+    std::uint64_t keep = ~std::uint64_t(0);
+    SADDLESCAPE_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  }
+  return pool;
 }
 
 context::impl& enter(context& ctx) {
@@ -122,11 +143,11 @@ scan_result scan(context::impl& ctx, const T* a, std::int64_t n) {
   scan_result r;
   if (n == 0) return r;
   // words[0] = ~0 (no bad index yet), words[1] = 0 (max of nothing).
-  SADDLESCAPE_CUDA(cudaMemsetAsync(ctx.words.get(), 0xff, sizeof(unsigned long long), ctx.stream));
-  SADDLESCAPE_CUDA(cudaMemsetAsync(ctx.words.get() + 1, 0, sizeof(unsigned long long), ctx.stream));
-  scan_kernel<T><<<grid_for(n, 256), 256, 0, ctx.stream>>>(a, n, ctx.words.get());
+  SADDLESCAPE_CUDA(cudaMemsetAsync(ctx.words, 0xff, sizeof(unsigned long long), ctx.stream));
+  SADDLESCAPE_CUDA(cudaMemsetAsync(ctx.words + 1, 0, sizeof(unsigned long long), ctx.stream));
+  scan_kernel<T><<<grid_for(n, 256), 256, 0, ctx.stream>>>(a, n, ctx.words);
   SADDLESCAPE_LAUNCHED();
-  SADDLESCAPE_CUDA(cudaMemcpyAsync(ctx.host_words, ctx.words.get(), 2 * sizeof(unsigned long long),
+  SADDLESCAPE_CUDA(cudaMemcpyAsync(ctx.host_words, ctx.words, 2 * sizeof(unsigned long long),
                                    cudaMemcpyDeviceToHost, ctx.stream));
   SADDLESCAPE_CUDA(cudaStreamSynchronize(ctx.stream));
   if (ctx.host_words[0] != ~0ull) r.first_bad = static_cast<std::int64_t>(ctx.host_words[0]);
@@ -139,13 +160,6 @@ template scan_result scan<double>(context::impl&, const double*, std::int64_t);
 
 }  // namespace detail
 
-void* context::impl::scratch_bytes(std::size_t bytes) {
-  if (scratch.size() < bytes) {
-    scratch = detail::device_buffer<unsigned char>();  // free first: the old contents are not needed
-    scratch = detail::device_buffer<unsigned char>(std::max<std::size_t>(bytes, 1 << 20), stream);
-  }
-  return scratch.get();
-}
 
 bool is_available() noexcept { return unavailable_reason().empty(); }
 
@@ -178,13 +192,6 @@ context::context(stream_t stream) : impl_(std::make_unique<impl>()) {
   c.stream = reinterpret_cast<cudaStream_t>(stream);
   SADDLESCAPE_CUDA(cudaGetDevice(&c.device));
   SADDLESCAPE_CUDA(cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, c.device));
-  // Work buffers come from the device's default stream-ordered pool. Its release threshold is
-  // 0 by default, which hands the memory back to the system at every synchronisation and maps
-  // it again at the next call (milliseconds for the buffers of a large batch): keep it.
-  cudaMemPool_t pool = nullptr;
-  SADDLESCAPE_CUDA(cudaDeviceGetDefaultMemPool(&pool, c.device));
-  std::uint64_t keep = ~std::uint64_t(0);
-  SADDLESCAPE_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   try {
     SADDLESCAPE_CUBLAS(cublasCreate(&c.blas));
     SADDLESCAPE_CUBLAS(cublasSetStream(c.blas, c.stream));
@@ -192,8 +199,9 @@ context::context(stream_t stream) : impl_(std::make_unique<impl>()) {
     SADDLESCAPE_CUSOLVER(cusolverDnSetStream(c.solver, c.stream));
     SADDLESCAPE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&c.host_words),
                                     2 * sizeof(unsigned long long)));
-    c.words = detail::device_buffer<unsigned long long>(2, c.stream);
+    SADDLESCAPE_CUDA(cudaMalloc(reinterpret_cast<void**>(&c.words), 2 * sizeof(unsigned long long)));
   } catch (...) {
+    if (c.words) cudaFree(c.words);
     if (c.host_words) cudaFreeHost(c.host_words);
     if (c.solver) cusolverDnDestroy(c.solver);
     if (c.blas) cublasDestroy(c.blas);
@@ -202,17 +210,24 @@ context::context(stream_t stream) : impl_(std::make_unique<impl>()) {
 }
 
 context::~context() {
-  // Errors are ignored here (a destructor must not throw), and cleared so that they do not
-  // surface at a later call.
+  // Nothing is freed stream-ordered, so no stream of the caller's (which may be gone by now)
+  // is touched. Errors are ignored (a destructor must not throw) and cleared, so that they do
+  // not surface at a later call.
   impl& c = *impl_;
-  cudaStreamSynchronize(c.stream);  // buffers are freed stream-ordered; let queued work finish
-  c.scratch = detail::device_buffer<unsigned char>();
-  c.words = detail::device_buffer<unsigned long long>();
-  cudaStreamSynchronize(c.stream);
+  cudaFree(c.words);  // synchronises the device: no queued work still reads it
   cudaFreeHost(c.host_words);
   cusolverDnDestroy(c.solver);
   cublasDestroy(c.blas);
   cudaGetLastError();
+}
+
+void context::set_stream(stream_t stream) {
+  impl& c = *impl_;
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (s == c.stream) return;
+  SADDLESCAPE_CUBLAS(cublasSetStream(c.blas, s));
+  SADDLESCAPE_CUSOLVER(cusolverDnSetStream(c.solver, s));
+  c.stream = s;
 }
 
 stream_t context::stream() const noexcept { return reinterpret_cast<stream_t>(impl_->stream); }

@@ -65,7 +65,8 @@ default stream, e.g. ``torch.cuda.current_stream().cuda_stream`` or
 other streams after it. Functions that check their input on the device wait for that check
 before returning, so their errors are raised by the call itself.
 
-Threads: each host thread gets its own cached cuBLAS/cuSOLVER context per (device, stream);
+Threads: each host thread gets its own cached cuBLAS/cuSOLVER context per device, moved to each
+call's stream;
 :func:`clear_cache` frees the calling thread's. The GIL is released while the GPU works.
 """
 
@@ -386,7 +387,7 @@ def _stream_arg(stream: Any) -> int | None:
     s = _integer("stream", stream)
     if not 0 <= s < 2**64:
         raise ValueError(f"stream must be a cudaStream_t handle (an int >= 0) or None, got {s}")
-    return s
+    return 0 if s == 1 else s  # cudaStreamLegacy (1) is the legacy default stream, 0
 
 
 class _Output:
@@ -528,6 +529,11 @@ class _Call:
         self.close()
 
     def close(self) -> None:
+        # Releasing a DLPack capsule may free its memory (when the capsule was the last owner)
+        # to the producer's allocator, which reuses it in the producer's stream order, not
+        # ours: the queued work must be done with it first.
+        if any(op.kind == "dlpack" and op.holder is not None for op in self.operands):
+            _cuda.synchronize(self.stream)
         for op in self.operands:
             if op.kind == "host" and op.buffer is not None:
                 op.buffer.free()
@@ -549,14 +555,30 @@ class _Call:
             out = _Output(host, buffer.ptr, host, buffer)
         else:
             lib = _library(like.obj)
+            # The output is allocated in the order of the stream that writes it: the caching
+            # allocators of torch and CuPy hand out memory that is free in the order of the
+            # stream current at allocation, which may differ from this call's stream.
             if lib == "torch":
                 torch = sys.modules["torch"]
-                t = torch.empty(shape, dtype=like.obj.dtype, device=like.obj.device)
+                device = like.obj.device
+                current = torch.cuda.current_stream(device)
+                if self.stream == current.cuda_stream:
+                    writer = current
+                elif self.stream == 0:
+                    writer = torch.cuda.default_stream(device)
+                else:
+                    writer = torch.cuda.ExternalStream(self.stream, device=device)
+                with torch.cuda.stream(writer):
+                    t = torch.empty(shape, dtype=like.obj.dtype, device=device)
                 out = _Output(t, int(t.data_ptr()), None, None)
             elif lib == "cupy":
                 cupy = sys.modules["cupy"]
                 with cupy.cuda.Device(like.obj.device.id):
-                    c = cupy.empty(shape, dtype=dtype)
+                    if self.stream == cupy.cuda.get_current_stream().ptr:
+                        c = cupy.empty(shape, dtype=dtype)
+                    else:
+                        with cupy.cuda.ExternalStream(self.stream):
+                            c = cupy.empty(shape, dtype=dtype)
                 out = _Output(c, int(c.data.ptr), None, None)
             else:
                 arr = DeviceArray(shape, dtype, self.stream)
@@ -987,6 +1009,10 @@ def _check_seed_optimizer(opt: Any, *, base: bool = False) -> None:
                          f"{opt.steps} steps")
 
 
+# saddlescape::run_status in its order: the codes _cuda.run_seeds returns.
+_RUN_STATUSES = np.array(["completed", "diverged", "numerical", "invalid"])
+
+
 def run_seeds(problem: Any, optimizer: Optimizer, x0: Any, steps: int,
               seeds: int | Sequence[int], escape_radius: float | None = None,
               escape_value: float | None = None) -> SeedRunResult:
@@ -1040,6 +1066,8 @@ def run_seeds(problem: Any, optimizer: Optimizer, x0: Any, steps: int,
     n_steps = _integer("steps", steps)
     if n_steps < 0:
         raise ValueError(f"steps must be >= 0, got {n_steps}")
+    if isinstance(seeds, np.ndarray) and seeds.ndim == 0:
+        seeds = seeds.item()  # a 0-d array is its one value: a count
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, (bool, np.bool_)):
         count = _integer("seeds", seeds)
         if count < 1:
@@ -1061,6 +1089,6 @@ def run_seeds(problem: Any, optimizer: Optimizer, x0: Any, steps: int,
         escape_step=np.asarray(out["escape_step"], dtype=np.int64),
         f_final=np.asarray(out["f_final"], dtype=np.float64),
         x_final=np.asarray(out["x_final"], dtype=np.float64).reshape(len(seed_array), dim),
-        status=np.asarray(out["status"], dtype=np.str_),
+        status=_RUN_STATUSES[np.asarray(out["status"], dtype=np.int64)],
         stopped_at=np.asarray(out["stopped_at"], dtype=np.int64),
     )

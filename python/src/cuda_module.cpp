@@ -52,9 +52,10 @@ T* device_ptr(std::uintptr_t address) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Contexts: one per (thread, device, stream), created on first use. A context holds cuBLAS and
-// cuSOLVER handles and grown scratch memory, so creating one per call would cost milliseconds
-// and re-allocate the workspace every time.
+// Contexts: one per (thread, device), created on first use and moved to each call's stream. A
+// context holds cuBLAS and cuSOLVER handles, so creating one per call would cost milliseconds;
+// keying them by stream as well would keep one per stream a program ever used (CuPy and torch
+// make new stream handles freely, and a destroyed stream's handle value can come back).
 
 // Set by an atexit hook: once Python is shutting down, the CUDA runtime may be torn down before
 // the main thread's thread_local objects are destroyed, and destroying handles then can crash.
@@ -62,7 +63,7 @@ T* device_ptr(std::uintptr_t address) {
 std::atomic<bool> g_exiting{false};
 
 struct context_cache {
-  std::map<std::pair<int, std::uintptr_t>, std::unique_ptr<sc::context>> contexts;
+  std::map<int, std::unique_ptr<sc::context>> contexts;
   context_cache() = default;
   context_cache(const context_cache&) = delete;
   context_cache& operator=(const context_cache&) = delete;
@@ -82,15 +83,16 @@ sc::context& context_for(std::uintptr_t stream) {
     throw sc::cuda_error("no CUDA device can be used: " + sc::unavailable_reason());
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
-  auto& slot = thread_cache().contexts[{device, stream}];
+  auto& slot = thread_cache().contexts[device];
   if (!slot) {
     try {
       slot = std::make_unique<sc::context>(as_stream(stream));
     } catch (...) {
-      thread_cache().contexts.erase({device, stream});
+      thread_cache().contexts.erase(device);
       throw;
     }
   }
+  slot->set_stream(as_stream(stream));
   return *slot;
 }
 
@@ -210,8 +212,11 @@ py::dict run_seeds_py(const saddlescape::problem& p, const saddlescape::optimize
   const auto count = static_cast<py::ssize_t>(r.seeds.size());
   py::array_t<double> x_final({count, static_cast<py::ssize_t>(r.dim)});
   std::copy(r.x_final.begin(), r.x_final.end(), x_final.mutable_data());
-  py::list status;
-  for (const auto s : r.status) status.append(std::string(saddlescape::to_string(s)));
+  // Codes (run_status's order), named in Python: a list of 10^6 strings would cost a
+  // noticeable share of a whole run's time.
+  py::array_t<std::int8_t> status(static_cast<py::ssize_t>(r.status.size()));
+  for (std::size_t i = 0; i < r.status.size(); ++i)
+    status.mutable_at(static_cast<py::ssize_t>(i)) = static_cast<std::int8_t>(r.status[i]);
   py::dict out;
   out["seeds"] = numpy_of(r.seeds);
   out["escape_step"] = numpy_of(r.escape_step);

@@ -52,8 +52,9 @@ std::string unavailable_reason();
 /// "NVIDIA H200 (sm_90, 132 SMs, 139 GiB)".
 std::string device_description();
 
-/// cuBLAS and cuSOLVER handles and reusable scratch memory for the current device and one
-/// stream. Not thread-safe: one context per host thread.
+/// cuBLAS and cuSOLVER handles for the current device, and the stream work is queued on. Not
+/// thread-safe: one context per host thread. It owns no stream-ordered memory, so it may be
+/// moved to another stream, and destroyed after a stream it used has been destroyed.
 class context {
  public:
   /// @param stream the stream to queue work on (nullptr: the legacy default stream).
@@ -63,6 +64,8 @@ class context {
   context(const context&) = delete;
   context& operator=(const context&) = delete;
   stream_t stream() const noexcept;
+  /// Queues later work on `stream` instead (cheap: the handles are rebound).
+  void set_stream(stream_t stream);
   /// Waits for the work queued so far.
   void synchronize() const;
 
