@@ -1,5 +1,7 @@
 #include <saddlescape/estimators.hpp>
 
+#include <saddlescape/detail/formulas.hpp>
+
 #include "checks.hpp"
 #include "multiversion.hpp"
 #include "lapack.hpp"
@@ -49,11 +51,11 @@ template <class T>
 SADDLESCAPE_MULTIVERSION bool diag_update(index_t n, T b, T a, const T* __restrict v,
                                                  const T* __restrict g, T* __restrict out) {
   bool ok = true;
-  const T tiny = std::numeric_limits<T>::min();
   for (index_t i = 0; i < n; ++i) {
-    const T o = b * v[i] + a * (g[i] * g[i]);
-    ok &= (o - o == T(0));     // false for NaN and +-Inf, and vectorisable
-    out[i] = o < tiny ? T(0) : o;  // an entry whose g stays 0 decays: flush, never subnormal
+    // The optimizers' and the GPU's formula, subnormals flushed; NaN and Inf pass through.
+    const T o = detail::diag_ema(v[i], g[i], b, a);
+    ok &= (o - o == T(0));  // false for NaN and +-Inf, and vectorisable
+    out[i] = o;
   }
   return ok;
 }
@@ -63,11 +65,10 @@ template <class T>
 SADDLESCAPE_MULTIVERSION bool diag_accumulate(index_t n, T b, T a, const T* __restrict g,
                                               T* __restrict out) {
   bool ok = true;
-  const T tiny = std::numeric_limits<T>::min();
   for (index_t i = 0; i < n; ++i) {
-    const T o = b * out[i] + a * (g[i] * g[i]);
+    const T o = detail::diag_ema(out[i], g[i], b, a);
     ok &= (o - o == T(0));
-    out[i] = o < tiny ? T(0) : o;
+    out[i] = o;
   }
   return ok;
 }
