@@ -130,7 +130,7 @@ std::string position(std::int64_t flat, std::initializer_list<std::int64_t> dims
 
 /// Blocks for a grid-stride kernel over n items: enough to fill every SM several times over,
 /// no more (a larger grid only adds scheduling and, for reductions, atomics).
-unsigned int grid_for(std::int64_t n, unsigned int block);
+unsigned int grid_for(const context::impl& ctx, std::int64_t n, unsigned int block);
 
 /// Throws unless ptr is device-accessible memory of the current device.
 void expect_device_pointer(const void* ptr, const char* name);

@@ -3,7 +3,6 @@
 #include "common.cuh"
 
 #include <algorithm>
-#include <atomic>
 #include <map>
 #include <mutex>
 #include <cstring>
@@ -14,11 +13,13 @@ namespace detail {
 
 void throw_cuda(cudaError_t e, const char* call) {
   cudaGetLastError();  // reported here; a non-sticky error must not resurface at the next call
-  throw cuda_error(concat(call, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
+  throw cuda_error(
+      concat(call, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
 }
 
 void throw_cublas(cublasStatus_t s, const char* call) {
-  throw cuda_error(concat(call, " failed: ", cublasGetStatusName(s), " (", cublasGetStatusString(s), ")"));
+  throw cuda_error(
+      concat(call, " failed: ", cublasGetStatusName(s), " (", cublasGetStatusString(s), ")"));
 }
 
 void throw_cusolver(cusolverStatus_t s, const char* call) {
@@ -27,14 +28,9 @@ void throw_cusolver(cusolverStatus_t s, const char* call) {
 }
 
 
-namespace {
-std::atomic<int> current_sms{132};  // set by every enter(); an H200's count until then
-}  // namespace
-
-unsigned int grid_for(std::int64_t n, unsigned int block) {
+unsigned int grid_for(const context::impl& ctx, std::int64_t n, unsigned int block) {
   const std::int64_t blocks = (n + block - 1) / block;
-  const std::int64_t cap =
-      static_cast<std::int64_t>(current_sms.load(std::memory_order_relaxed)) * (2048 / block) * 4;
+  const std::int64_t cap = static_cast<std::int64_t>(ctx.sms) * (2048 / block) * 4;
   return static_cast<unsigned int>(std::clamp<std::int64_t>(blocks, 1, cap));
 }
 
@@ -64,7 +60,6 @@ context::impl& enter(context& ctx) {
   SADDLESCAPE_CUDA(cudaGetDevice(&device));
   SADDLESCAPE_EXPECTS(device == c.device, "this context was made for CUDA device ", c.device,
                       ", but the current device is ", device);
-  current_sms.store(c.sms, std::memory_order_relaxed);
   return c;
 }
 
@@ -76,7 +71,8 @@ void expect_device_pointer(const void* ptr, const char* name) {
   SADDLESCAPE_CUDA(cudaGetDevice(&device));
   const bool on_device = attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
   SADDLESCAPE_EXPECTS(on_device, name, " is not CUDA device memory (it is ",
-                      attr.type == cudaMemoryTypeHost ? "pinned host" : "pageable host", " memory)");
+                      attr.type == cudaMemoryTypeHost ? "pinned host" : "pageable host",
+                      " memory)");
   SADDLESCAPE_EXPECTS(attr.type == cudaMemoryTypeManaged || attr.device == device, name,
                       " lives on device ", attr.device, ", but the current device is ", device);
 }
@@ -145,7 +141,7 @@ scan_result scan(context::impl& ctx, const T* a, std::int64_t n) {
   // words[0] = ~0 (no bad index yet), words[1] = 0 (max of nothing).
   SADDLESCAPE_CUDA(cudaMemsetAsync(ctx.words, 0xff, sizeof(unsigned long long), ctx.stream));
   SADDLESCAPE_CUDA(cudaMemsetAsync(ctx.words + 1, 0, sizeof(unsigned long long), ctx.stream));
-  scan_kernel<T><<<grid_for(n, 256), 256, 0, ctx.stream>>>(a, n, ctx.words);
+  scan_kernel<T><<<grid_for(ctx, n, 256), 256, 0, ctx.stream>>>(a, n, ctx.words);
   SADDLESCAPE_LAUNCHED();
   SADDLESCAPE_CUDA(cudaMemcpyAsync(ctx.host_words, ctx.words, 2 * sizeof(unsigned long long),
                                    cudaMemcpyDeviceToHost, ctx.stream));
@@ -199,7 +195,8 @@ context::context(stream_t stream) : impl_(std::make_unique<impl>()) {
     SADDLESCAPE_CUSOLVER(cusolverDnSetStream(c.solver, c.stream));
     SADDLESCAPE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&c.host_words),
                                     2 * sizeof(unsigned long long)));
-    SADDLESCAPE_CUDA(cudaMalloc(reinterpret_cast<void**>(&c.words), 2 * sizeof(unsigned long long)));
+    SADDLESCAPE_CUDA(
+        cudaMalloc(reinterpret_cast<void**>(&c.words), 2 * sizeof(unsigned long long)));
   } catch (...) {
     if (c.words) cudaFree(c.words);
     if (c.host_words) cudaFreeHost(c.host_words);

@@ -77,7 +77,7 @@ void rmsprop_diag_step(context& ctx, T* x, const T* g, T* v, std::int64_t n, dou
   }
   const T inner = static_cast<T>(form == root_form::adam ? 0.0 : eps);
   const T outer = static_cast<T>(form == root_form::adam ? eps : 0.0);
-  rmsprop_diag_kernel<T><<<detail::grid_for((n + unroll - 1) / unroll, block), block, 0,
+  rmsprop_diag_kernel<T><<<detail::grid_for(c, (n + unroll - 1) / unroll, block), block, 0,
                            c.stream>>>(x, g, v, n, static_cast<T>(beta),
                                        static_cast<T>(1.0 - beta), static_cast<T>(lr), inner,
                                        outer);

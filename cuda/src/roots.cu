@@ -665,7 +665,7 @@ void newton_batched(context::impl& c, const T* G, i64 n, i64 d, const root_spec&
   // Cholesky of L (in W, which the first product overwrites): the CPU's cheap test for what
   // the eigensolver routes reject; a failure is diagnosed on the host below. L is symmetric,
   // so its column-major lower triangle is its row-major one transposed: the same matrix.
-  fill_pointers_kernel<T><<<detail::grid_for(n, kThreads), kThreads, 0, c.stream>>>(
+  fill_pointers_kernel<T><<<detail::grid_for(c, n, kThreads), kThreads, 0, c.stream>>>(
       ptrs.get(), W, n, dd);
   SADDLESCAPE_LAUNCHED();
   for (i64 b0 = 0; b0 < n; b0 += INT_MAX) {
@@ -798,13 +798,12 @@ void inv_root_batched(context& ctx, const T* G, std::int64_t n, std::int64_t d,
     factored<T> f = factor_blocks<T>(c, G, n, d, spec, m, true);
     // A = W W^T with W = Q diag(sqrt f) (f >= 0): column j of the column-major Q scaled, then
     // one batched GEMM (N, T). The result is symmetric, so its row-major reading is A itself.
-    scale_columns_kernel<T><<<detail::grid_for(n * d * d, kThreads), kThreads, 0, c.stream>>>(
-        f.q.get(), f.weights.get(), n, d, d);
+    const unsigned int grid = detail::grid_for(c, n * d * d, kThreads);
+    scale_columns_kernel<T><<<grid, kThreads, 0, c.stream>>>(f.q.get(), f.weights.get(), n, d, d);
     SADDLESCAPE_LAUNCHED();
     gemm_batched(c.blas, CUBLAS_OP_N, CUBLAS_OP_T, d, d, d, f.q.get(), d, d * d, f.q.get(), d,
                  d * d, A, d, d * d, n);
-    mirror_lower_kernel<T><<<detail::grid_for(n * d * d, kThreads), kThreads, 0, c.stream>>>(
-        A, n, d);
+    mirror_lower_kernel<T><<<grid, kThreads, 0, c.stream>>>(A, n, d);
     SADDLESCAPE_LAUNCHED();
   }
   const detail::scan_result s = detail::scan(c, A, n * d * d);
@@ -850,7 +849,7 @@ void inv_root_apply_batched(context& ctx, const T* G, std::int64_t n, std::int64
     if (k == 0) return;  // the checks above still ran, as on the CPU
     device_buffer<T> tmp(static_cast<std::size_t>(n * dk), c.stream);
     gemm_batched(c.blas, N, N, k, d, d, V, k, dk, f.q.get(), d, d * d, tmp.get(), k, dk, n);
-    scale_columns_kernel<T><<<detail::grid_for(n * dk, kThreads), kThreads, 0, c.stream>>>(
+    scale_columns_kernel<T><<<detail::grid_for(c, n * dk, kThreads), kThreads, 0, c.stream>>>(
         tmp.get(), f.weights.get(), n, d, k);  // column j of V^T Q times f_j
     SADDLESCAPE_LAUNCHED();
     gemm_batched(c.blas, N, CUBLAS_OP_T, k, d, d, tmp.get(), k, dk, f.q.get(), d, d * d, out, k,
