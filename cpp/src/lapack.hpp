@@ -15,6 +15,9 @@
 #define SADDLESCAPE_FORTRAN(name) SADDLESCAPE_PASTE(BLAS_SYMBOL_PREFIX, name##_)
 
 extern "C" {
+// OpenBLAS's thread count (not Fortran: no trailing underscore, no hidden lengths).
+int SADDLESCAPE_PASTE(BLAS_SYMBOL_PREFIX, openblas_get_num_threads)(void);
+void SADDLESCAPE_PASTE(BLAS_SYMBOL_PREFIX, openblas_set_num_threads)(int);
 // Trailing size_t arguments are the hidden lengths of the character arguments (gfortran ABI).
 void SADDLESCAPE_FORTRAN(dsyevd)(const char* jobz, const char* uplo, const int* n, double* a,
                                  const int* lda, double* w, double* work, const int* lwork,
@@ -173,5 +176,21 @@ inline void gemv(char trans, int m, int n, double alpha, const double* a, int ld
   const int one = 1;
   SADDLESCAPE_FORTRAN(dgemv)(&trans, &m, &n, &alpha, a, &lda, x, &one, &beta, y, &one, 1);
 }
+
+/// OpenBLAS single-threaded for the scope's lifetime: inside the library's own worker threads
+/// its threads would oversubscribe the cores, and its thread count could change the rounding
+/// of a result. The count is process-wide, so it is restored on exit.
+class single_threaded_scope {
+ public:
+  single_threaded_scope() : previous_(SADDLESCAPE_PASTE(BLAS_SYMBOL_PREFIX, openblas_get_num_threads)()) {
+    SADDLESCAPE_PASTE(BLAS_SYMBOL_PREFIX, openblas_set_num_threads)(1);
+  }
+  ~single_threaded_scope() { SADDLESCAPE_PASTE(BLAS_SYMBOL_PREFIX, openblas_set_num_threads)(previous_); }
+  single_threaded_scope(const single_threaded_scope&) = delete;
+  single_threaded_scope& operator=(const single_threaded_scope&) = delete;
+
+ private:
+  int previous_;
+};
 
 }  // namespace saddlescape::detail::lapack

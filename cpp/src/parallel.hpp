@@ -5,10 +5,13 @@
 // Results do not depend on the split: every pass is elementwise or an order-free reduction.
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
+#include <exception>
 #include <cstdlib>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace saddlescape::detail {
@@ -55,6 +58,56 @@ unsigned parallel_chunks(std::ptrdiff_t n, F&& fn) {
   fn(0u, std::ptrdiff_t(0), std::min(n, chunk));
   for (auto& t : pool) t.join();
   return parts;
+}
+
+
+// Runs fn(task), or fn(task, worker) with worker < threads the index of the running thread (for
+// per-thread workspaces), for task = 0 .. n - 1 on up to `threads` threads (the caller's among them), each
+// thread taking the next unstarted task, so that tasks of unequal cost balance out. Every task
+// runs exactly once whatever the thread count, so results that depend only on the task are
+// independent of it. An exception stops the remaining tasks from starting; the one from the
+// lowest-numbered failing task is rethrown after every thread has joined.
+template <class F>
+void parallel_tasks(std::ptrdiff_t n, unsigned threads, F&& fn) {
+  if (n <= 0) return;
+  threads = static_cast<unsigned>(std::min<std::ptrdiff_t>(std::max(1u, threads), n));
+  std::atomic<std::ptrdiff_t> next{0};
+  std::atomic<bool> failed{false};
+  std::vector<std::exception_ptr> errors(threads);
+  std::vector<std::ptrdiff_t> error_task(threads, n);
+  auto work = [&](unsigned k) {
+    for (;;) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      const std::ptrdiff_t t = next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= n) return;
+      try {
+        if constexpr (std::is_invocable_v<F&, std::ptrdiff_t, unsigned>)
+          fn(t, k);
+        else
+          fn(t);
+      } catch (...) {
+        if (t < error_task[k]) {
+          errors[k] = std::current_exception();
+          error_task[k] = t;
+        }
+        failed.store(true, std::memory_order_relaxed);
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  try {
+    for (unsigned k = 1; k < threads; ++k) pool.emplace_back(work, k);
+  } catch (const std::system_error&) {
+    // No more threads to be had: the ones started and this one share the tasks.
+  }
+  work(0u);
+  for (auto& t : pool) t.join();
+  std::ptrdiff_t first = n;
+  std::exception_ptr error;
+  for (unsigned k = 0; k < threads; ++k)
+    if (errors[k] && error_task[k] < first) first = error_task[k], error = errors[k];
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace saddlescape::detail
