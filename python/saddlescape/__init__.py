@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saddlescape import datasets, diagnostics, problems, schedules, studies
+from saddlescape import blocks, datasets, diagnostics, problems, schedules, studies
 from saddlescape._core import NumericalError
+from saddlescape.blocks import BlockEngine
 from saddlescape.estimators import CovarianceEstimator, EMAEstimator, burn_in
 from saddlescape.matrix_functions import diag_inv_sqrt, inv_root, inv_sqrt, inv_sqrt_apply
 from saddlescape.optimizers import SGD, Adam, PreconditionedSGD, RMSProp, SaddleEscape
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD",
     "Adam",
+    "BlockEngine",
     "CovarianceEstimator",
     "DivergenceError",
     "EMAEstimator",
@@ -35,6 +37,7 @@ __all__ = [
     "SaddleEscape",
     "__version__",
     "beta_from_lr",
+    "blocks",
     "burn_in",
     "cmake_dir",
     "datasets",

@@ -106,6 +106,7 @@ py::array diag_inv_root_py(const py::array& v, int p, double eps, const std::str
 
 void bind_estimators(py::module_& m);
 void bind_loop(py::module_& m);
+void bind_block_engine(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "saddlescape's compiled core; use the functions re-exported by `saddlescape`.";
@@ -123,4 +124,5 @@ PYBIND11_MODULE(_core, m) {
   m.attr("symmetry_tolerance_float32") = symmetry_tolerance<float>();
   bind_estimators(m);
   bind_loop(m);
+  bind_block_engine(m);
 }

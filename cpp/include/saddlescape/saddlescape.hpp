@@ -6,6 +6,7 @@
 #include <saddlescape/matrix_functions.hpp>
 #include <saddlescape/schedules.hpp>
 #include <saddlescape/estimators.hpp>
+#include <saddlescape/block_engine.hpp>
 #include <saddlescape/rng.hpp>
 #include <saddlescape/problems.hpp>
 #include <saddlescape/optimizers.hpp>

@@ -1,0 +1,112 @@
+// Unit tests of the block engine (saddlescape/block_engine.hpp), as a C++ caller drives it on
+// its own buffers. The reference is a dense EMA per block in double with Eigen's
+// SelfAdjointEigenSolver (the engine uses LAPACK syevd and, between refreshes, its low-rank
+// quadrature), f(G_b) g_b with negative eigenvalues clipped to zero.
+
+#include <saddlescape/block_engine.hpp>
+
+#include <gtest/gtest.h>
+
+#include "expect_throw.hpp"
+#include <Eigen/Dense>
+
+#include <cmath>
+#include <memory>
+#include <random>
+#include <vector>
+
+namespace {
+
+namespace ss = saddlescape;
+using ss::index_t;
+
+ss::schedule_ptr constant(double v) { return std::make_shared<ss::constant_schedule>(v); }
+
+struct reference {
+  std::vector<index_t> sizes;
+  std::vector<Eigen::MatrixXd> G;
+  double beta, eps;
+  ss::root_form form;
+  reference(std::vector<index_t> s, double b, double e, ss::root_form f)
+      : sizes(std::move(s)), beta(b), eps(e), form(f) {
+    for (index_t n : sizes) G.push_back(Eigen::MatrixXd::Zero(n, n));
+  }
+  std::vector<double> update_direction(const std::vector<double>& g) {
+    std::vector<double> out(g.size());
+    index_t at = 0;
+    for (std::size_t b = 0; b < sizes.size(); ++b) {
+      const index_t n = sizes[b];
+      const Eigen::Map<const Eigen::VectorXd> gb(g.data() + at, n);
+      G[b] = beta * G[b] + (1 - beta) * gb * gb.transpose();
+      Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(G[b]);
+      Eigen::VectorXd f = es.eigenvalues().cwiseMax(0.0);
+      for (index_t i = 0; i < n; ++i)
+        f[i] = form == ss::root_form::adam ? 1 / (std::sqrt(f[i]) + eps) : 1 / std::sqrt(f[i] + eps);
+      const Eigen::VectorXd d = es.eigenvectors() * f.asDiagonal() * es.eigenvectors().transpose() * gb;
+      std::copy(d.data(), d.data() + n, out.data() + at);
+      at += n;
+    }
+    return out;
+  }
+};
+
+double worst_block_error(const std::vector<index_t>& sizes, const std::vector<double>& a,
+                         const std::vector<double>& b) {
+  double worst = 0;
+  index_t at = 0;
+  for (index_t n : sizes) {
+    double num = 0, den = 0;
+    for (index_t i = at; i < at + n; ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += b[i] * b[i];
+    worst = std::max(worst, std::sqrt(num / std::max(den, 1e-300)));
+    at += n;
+  }
+  return worst;
+}
+
+class BlockEngine : public ::testing::TestWithParam<ss::root_form> {};
+
+TEST_P(BlockEngine, ExactDirectionsBetweenStaggeredRefreshes) {
+  const std::vector<index_t> sizes{9, 1, 20, 4};
+  ss::block_engine_options o;
+  o.eps = 1e-6;
+  o.form = GetParam();
+  o.refresh_every = 6;
+  ss::block_engine<double> eng(sizes, constant(0.9), o);
+  reference ref(sizes, 0.9, 1e-6, GetParam());
+  std::mt19937_64 rng(3);
+  std::normal_distribution<double> normal;
+  std::vector<double> g(34), dir(34);
+  double worst = 0;
+  for (int t = 0; t < 40; ++t) {
+    for (index_t i = 0; i < 34; ++i) g[i] = normal(rng) * std::pow(10.0, -2.0 * i / 33.0);
+    eng.update_direction(g.data(), dir.data());
+    worst = std::max(worst, worst_block_error(sizes, dir, ref.update_direction(g)));
+  }
+  EXPECT_LT(worst, GetParam() == ss::root_form::adam ? 1e-7 : 1e-8);
+  EXPECT_EQ(eng.updates(), 40);
+  const auto stats = eng.statistics();
+  for (auto r : stats.refreshes) EXPECT_GE(r, 40 / 6);
+}
+
+INSTANTIATE_TEST_SUITE_P(Forms, BlockEngine,
+                         ::testing::Values(ss::root_form::inv_sqrt, ss::root_form::adam));
+
+TEST(BlockEngineErrors, BadInputChangesNothing) {
+  ss::block_engine<float> eng({3, 2}, constant(0.9));
+  std::vector<float> g{1, 2, 3, 4, 5}, x(5, 1.0f);
+  eng.update(g.data());
+  const auto before = eng.save();
+  g[3] = std::nanf("");
+  EXPECT_INVALID("g[3] = nan", eng.step(x.data(), g.data(), 0.1));
+  g[3] = 1e30f;
+  EXPECT_NUMERICAL("would overflow float32", eng.update(g.data()));
+  const auto after = eng.save();
+  EXPECT_EQ(before.data, after.data);
+  EXPECT_EQ(before.scalars, after.scalars);
+  for (float v : x) EXPECT_EQ(v, 1.0f);
+  EXPECT_INVALID("block_sizes[1] = 0", ss::block_engine<double>({2, 0}, constant(0.9)));
+  EXPECT_INVALID("beta must be in [0, 1)", ss::block_engine<double>({2}, constant(1.0)));
+  EXPECT_INVALID("bytes", ss::block_engine<double>(std::vector<index_t>(4000, 30000), constant(0.9)));
+}
+
+}  // namespace

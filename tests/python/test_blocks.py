@@ -1,0 +1,342 @@
+"""The block engine (saddlescape.BlockEngine) against an independent float64 reference.
+
+The reference is written here with numpy: one dense EMA per block in float64 on the gradients
+exactly as the engine saw them (float32 gradients are rounded first), and f(G_b) g_b from
+np.linalg.eigh, negative eigenvalues clipped to zero. The engine never forms f(G_b) between
+refreshes, so agreement tests its low-rank quadrature, its refresh schedule and its bookkeeping.
+
+Tolerances: float64 directions are computed to tol = 1e-10 (relative, per block); on top of that
+comes the eigensolver's rounding amplified by the sensitivity of f on the spectrum, which the
+gradient scales below keep moderate. float32 estimates are rounded to float32, so their
+directions are compared on well-conditioned blocks only, at 1e-3.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import saddlescape as ss
+
+
+def reference(sizes, gs, beta, eps, form, bias_correction=False):
+    """Directions A_t g_t after each update, and the final estimates, in float64."""
+    offsets = np.cumsum([0] + list(sizes))
+    G = [np.zeros((b, b)) for b in sizes]
+    product = 1.0
+    dirs = []
+    for g in np.asarray(gs, dtype=np.float64):
+        product *= beta
+        c = 1.0 / (1.0 - product) if bias_correction else 1.0
+        d = np.empty_like(g)
+        for i, b in enumerate(sizes):
+            gb = g[offsets[i] : offsets[i + 1]]
+            G[i] = beta * G[i] + (1 - beta) * np.outer(gb, gb)
+            w, V = np.linalg.eigh(c * G[i])
+            w = np.clip(w, 0.0, None)
+            f = 1 / np.sqrt(w + eps) if form == "inv_sqrt" else 1 / (np.sqrt(w) + eps)
+            d[offsets[i] : offsets[i + 1]] = V @ (f * (V.T @ gb))
+        dirs.append(d)
+    return dirs, G
+
+
+def block_errors(sizes, a, b):
+    offsets = np.cumsum([0] + list(sizes))
+    return max(
+        np.linalg.norm(a[lo:hi] - b[lo:hi]) / max(np.linalg.norm(b[lo:hi]), 1e-300)
+        for lo, hi in zip(offsets[:-1], offsets[1:])
+    )
+
+
+def gradients(rng, n, dim, low=-2.0, high=0.0, dtype=np.float64):
+    """Anisotropic gradients: coordinate scales spread over 10^low .. 10^high."""
+    return (rng.standard_normal((n, dim)) * np.logspace(low, high, dim)).astype(dtype)
+
+
+@pytest.mark.parametrize("form", ["inv_sqrt", "adam"])
+@pytest.mark.parametrize("refresh_every", [1, 3, 8])
+def test_directions_match_reference_float64(form, refresh_every):
+    rng = np.random.default_rng(1)
+    sizes = [7, 1, 33, 12, 2]  # mixed, with d = 1; rank-deficient for the first 33 updates
+    gs = gradients(rng, 60, sum(sizes), -3.0, 0.0)
+    eng = ss.BlockEngine(sizes, beta=0.9, eps=1e-6, form=form, refresh_every=refresh_every,
+                         dtype=np.float64)
+    ref, G = reference(sizes, gs, 0.9, 1e-6, form)
+    worst = max(block_errors(sizes, eng.update_direction(g), r) for g, r in zip(gs, ref))
+    # adam's f = 1 / (sqrt(lambda) + eps) amplifies the eigensolver's rounding of near-null
+    # eigenvalues by up to sqrt(lambda_max) / eps = 1e6 (it does so in the reference too).
+    assert worst < (1e-8 if form == "inv_sqrt" else 1e-7)
+    for e, g in zip(eng.estimate(), G):
+        np.testing.assert_allclose(e, g, rtol=0, atol=1e-14 * np.abs(g).max())
+    stats = eng.statistics()
+    assert stats["updates"] == 60 and all(r >= 60 // refresh_every - 1 for r in stats["refreshes"])
+
+
+def test_ill_conditioned_inv_sqrt():
+    """Gradient scales over 6 decades give cond(G) ~ 1e12; eps = 1e-13 keeps f's range wide."""
+    rng = np.random.default_rng(2)
+    sizes = [24, 16]
+    gs = gradients(rng, 80, 40, -6.0, 0.0)
+    eng = ss.BlockEngine(sizes, beta=0.95, eps=1e-13, refresh_every=16, dtype=np.float64)
+    ref, _ = reference(sizes, gs, 0.95, 1e-13, "inv_sqrt")
+    errs = [block_errors(sizes, eng.update_direction(g), r) for g, r in zip(gs, ref)]
+    assert max(errs[40:]) < 1e-6  # full rank by then; rounding times the sensitivity
+
+
+def test_float32_well_conditioned():
+    rng = np.random.default_rng(3)
+    sizes = [64, 64, 20]
+    gs = gradients(rng, 200, sum(sizes), -0.5, 0.0, np.float32)
+    for form in ("inv_sqrt", "adam"):
+        eng = ss.BlockEngine(sizes, beta=0.98, eps=1e-3, form=form, refresh_every=16,
+                             dtype=np.float32)
+        ref, _ = reference(sizes, gs, 0.98, 1e-3, form)
+        errs = [block_errors(sizes, eng.update_direction(g).astype(np.float64), r)
+                for g, r in zip(gs, ref)]
+        assert max(errs) < 1e-3, form
+        assert eng.update_direction(gs[0]).dtype == np.float32
+
+
+def test_bias_correction():
+    rng = np.random.default_rng(4)
+    sizes = [6, 5]
+    gs = gradients(rng, 12, 11)
+    eng = ss.BlockEngine(sizes, beta=0.8, eps=1e-4, form="adam", refresh_every=5,
+                         dtype=np.float64, bias_correction=True)
+    ref, G = reference(sizes, gs, 0.8, 1e-4, "adam", bias_correction=True)
+    assert max(block_errors(sizes, eng.update_direction(g), r) for g, r in zip(gs, ref)) < 1e-8
+    c = 1 / (1 - 0.8**12)
+    for e, g in zip(eng.estimate(), G):
+        np.testing.assert_allclose(e, c * g, rtol=1e-12, atol=1e-15)
+
+
+def test_direction_of_other_vectors_and_step():
+    rng = np.random.default_rng(5)
+    sizes = [10, 3]
+    gs = gradients(rng, 7, 13)
+    eng = ss.BlockEngine(sizes, beta=0.9, eps=1e-5, refresh_every=6, dtype=np.float64)
+    for g in gs:
+        eng.update(g)
+    _, G = reference(sizes, gs, 0.9, 1e-5, "inv_sqrt")
+    v = rng.standard_normal(13)
+    want = np.concatenate([V @ ((np.clip(w, 0, None) + 1e-5) ** -0.5 * (V.T @ vb))
+                           for (w, V), vb in zip((np.linalg.eigh(g) for g in G), np.split(v, [10]))])
+    got = eng.direction(v)
+    assert block_errors(sizes, got, want) < 1e-9
+    assert eng.updates == 7  # direction() changes nothing
+    x = np.ones(13)
+    g = gs[0]
+    twin = ss.BlockEngine(sizes, beta=0.9, eps=1e-5, refresh_every=6, dtype=np.float64)
+    twin.load_state_dict(eng.state_dict())
+    eng.step(x, g, 0.1)
+    np.testing.assert_array_equal(x, 1 - 0.1 * twin.update_direction(g))
+
+
+def test_update_batch_equals_updates():
+    rng = np.random.default_rng(6)
+    sizes = [9, 4, 1]
+    gs = gradients(rng, 23, 14)
+    one = ss.BlockEngine(sizes, beta=0.9, eps=1e-6, refresh_every=8, dtype=np.float64)
+    batch = ss.BlockEngine(sizes, beta=0.9, eps=1e-6, refresh_every=8, dtype=np.float64)
+    for g in gs:
+        one.update(g)
+    batch.update_batch(gs[:3])    # fits the history
+    batch.update_batch(gs[3:20])  # longer than refresh_every: every block refactors
+    batch.update_batch(gs[20:])
+    for a, b in zip(one.estimate(), batch.estimate()):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-16)
+    v = rng.standard_normal(14)
+    assert block_errors(sizes, one.direction(v), batch.direction(v)) < 1e-9
+    assert batch.updates == 23
+
+
+def test_refreshes_are_staggered():
+    sizes = [8] * 32
+    R = 8
+    eng = ss.BlockEngine(sizes, beta=0.9, refresh_every=R, dtype=np.float64)
+    rng = np.random.default_rng(7)
+    before = np.zeros(32, dtype=int)
+    for t in range(3 * R):
+        eng.update(rng.standard_normal(256))
+        now = np.array(eng.statistics()["refreshes"])
+        assert (now - before).sum() == 32 // R  # every update refactors n_blocks / R blocks
+        before = now
+    assert (before == 3).all()
+    assert max(eng.statistics()["pending"]) <= R - 1
+
+
+def test_refresh_and_warm_start_keep_directions():
+    rng = np.random.default_rng(8)
+    sizes = [40, 17]
+    # beta close to 1: the estimate barely moves between refreshes, where warm starts pay.
+    gs = gradients(rng, 300, 57, -1.0, 0.0)
+    eng = ss.BlockEngine(sizes, beta=0.9995, eps=1e-6, refresh_every=4, dtype=np.float64,
+                         warm_start=True)
+    for g in gs[:200]:
+        eng.update(g)
+    eng.refresh(warm=False)
+    for g in gs[200:]:
+        eng.update(g)
+    _, G = reference(sizes, gs, 0.9995, 1e-6, "inv_sqrt")
+    v = rng.standard_normal(57)
+    before = eng.direction(v)
+    eng.refresh(block=0, warm=True)
+    assert block_errors(sizes, eng.direction(v), before) < 1e-9
+    stats = eng.statistics()
+    assert stats["total_warm_refreshes"] > 0
+    want = np.concatenate([
+        V @ ((np.clip(w, 0, None) + 1e-6) ** -0.5 * (V.T @ vb))
+        for (w, V), vb in zip((np.linalg.eigh(g) for g in G), np.split(v, [40]))])
+    assert block_errors(sizes, eng.direction(v), want) < 1e-8
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    rng = np.random.default_rng(9)
+    sizes = [12, 5, 30]
+    gs = gradients(rng, 40, 47, dtype=np.float32)
+    kw = dict(beta=0.95, eps=1e-6, refresh_every=7, dtype=np.float32)
+    a = ss.BlockEngine(sizes, **kw)
+    for g in gs[:17]:
+        a.update(g)
+    b = ss.BlockEngine(sizes, **kw)
+    b.load_state_dict(a.state_dict())
+    xa = np.zeros(47, np.float32)
+    xb = np.zeros(47, np.float32)
+    for g in gs[17:]:
+        a.step(xa, g, 0.01)
+        b.step(xb, g, 0.01)
+    np.testing.assert_array_equal(xa, xb)
+    assert a.statistics() == b.statistics()
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    sizes = [3, 2]
+    eng = ss.BlockEngine(sizes, refresh_every=4, dtype=np.float64)
+    eng.update(np.arange(5.0))
+    good = eng.state_dict()
+    other = ss.BlockEngine([2, 3], refresh_every=4, dtype=np.float64)
+    with pytest.raises(ValueError, match="block_sizes"):
+        eng.load_state_dict(other.state_dict())
+    bad = dict(good, data=good["data"].copy())
+    bad["data"][0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        eng.load_state_dict(bad)
+    bad = dict(good, scalars=good["scalars"].copy())
+    bad["scalars"][0] = 2.0  # gamma > 1
+    with pytest.raises(ValueError, match="gamma"):
+        eng.load_state_dict(bad)
+    after = eng.state_dict()
+    np.testing.assert_array_equal(after["data"], good["data"])
+    np.testing.assert_array_equal(after["scalars"], good["scalars"])
+
+
+def test_bad_input_names_the_value_and_changes_nothing():
+    eng = ss.BlockEngine([4, 3], beta=0.9, refresh_every=2, dtype=np.float64)
+    rng = np.random.default_rng(10)
+    eng.update(rng.standard_normal(7))
+    state = eng.state_dict()
+    g = rng.standard_normal(7)
+    g[5] = np.inf
+    x = np.ones(7)
+    with pytest.raises(ValueError, match=r"g\[5\] = inf"):
+        eng.step(x, g, 0.1)
+    with pytest.raises(ValueError, match=r"shape \(7,\)"):
+        eng.update(np.ones(6))
+    with pytest.raises(ValueError, match=r"shape \(k, 7\)"):
+        eng.update_batch(np.ones(7))
+    with pytest.raises(ValueError, match="dtype float64"):
+        eng.update(np.ones(7, dtype=np.complex128))
+    with pytest.raises(ValueError, match="lr"):
+        eng.step(x, np.ones(7), float("nan"))
+    with pytest.raises(ss.NumericalError, match="too large"):
+        eng.update(np.full(7, 1e160))
+    with pytest.raises(ValueError, match="block must be in"):
+        eng.refresh(block=2)
+    np.testing.assert_array_equal(x, np.ones(7))
+    np.testing.assert_array_equal(eng.state_dict()["data"], state["data"])
+    np.testing.assert_array_equal(eng.state_dict()["scalars"], state["scalars"])
+    assert eng.updates == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(block_sizes=[3, 0]), r"block_sizes\[1\] = 0"),
+        (dict(block_sizes=[]), "must not be empty"),
+        (dict(block_sizes=[4], beta=1.0), "beta must be in"),
+        (dict(block_sizes=[4], eps=0.0), "eps must be finite and > 0"),
+        (dict(block_sizes=[4], refresh_every=0), "refresh_every must be in"),
+        (dict(block_sizes=[4], refresh_every=257), "refresh_every must be in"),
+        (dict(block_sizes=[4], form="sqrt"), "form must be"),
+        (dict(block_sizes=[4], dtype=np.int32), "dtype must be float32 or float64"),
+        (dict(block_sizes=[4], tol=1e-20), "tol must be in"),
+        (dict(block_sizes=[30000] * 2000), r"needs \d+ bytes"),
+    ],
+)
+def test_bad_configuration(kwargs, message):
+    sizes = kwargs.pop("block_sizes")
+    with pytest.raises(ValueError, match=message):
+        ss.BlockEngine(sizes, **kwargs)
+
+
+def test_beta_schedule_checked_when_used():
+    sched = ss.schedules.beta_from_lr_schedule(ss.schedules.inverse_sqrt(0.01), C=1.0)
+    eng = ss.BlockEngine([3], beta=sched, dtype=np.float64)
+    eng.update(np.ones(3))
+    assert eng.updates == 1
+
+
+def test_results_do_not_depend_on_thread_count():
+    script = textwrap.dedent(
+        """
+        import numpy as np, saddlescape as ss
+        rng = np.random.default_rng(11)
+        sizes = [64] * 12 + [7]
+        eng = ss.BlockEngine(sizes, beta=0.95, eps=1e-6, refresh_every=5, dtype=np.float64)
+        x = np.zeros(sum(sizes))
+        for _ in range(12):
+            eng.step(x, rng.standard_normal(sum(sizes)), 0.01)
+        print(x.tobytes().hex())
+        """
+    )
+    outs = []
+    for threads in ("1", "2", "3"):
+        env = dict(os.environ, SADDLESCAPE_NUM_THREADS=threads)
+        outs.append(subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                                   capture_output=True, text=True, timeout=120).stdout)
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_partition():
+    assert ss.blocks.partition(10, 4) == [4, 4, 2]
+    assert ss.blocks.partition(8, 4) == [4, 4]
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        ss.blocks.partition(8, 0)
+
+
+@pytest.mark.parametrize("form", ["inv_sqrt", "adam"])
+def test_rmsprop_block_lowrank_is_exact_and_resumes(form):
+    rng = np.random.default_rng(12)
+    sizes = [6, 1, 10]
+    kw = dict(beta=0.9, eps=1e-6, structure="block", block_sizes=sizes, form=form)
+    lowrank = ss.RMSProp(17, 0.01, solver="lowrank", refresh_every=5, **kw)
+    exact = ss.RMSProp(17, 0.01, solver="eigh", refresh_every=1, **kw)
+    xa, xb = np.zeros(17), np.zeros(17)
+    for _ in range(25):
+        g = rng.standard_normal(17) * np.logspace(-2, 0, 17)
+        lowrank.step(xa, g)
+        exact.step(xb, g)
+    np.testing.assert_allclose(xa, xb, rtol=1e-7, atol=1e-12)
+    resumed = ss.RMSProp(17, 0.01, solver="lowrank", refresh_every=5, **kw)
+    resumed.load_state_dict(lowrank.state_dict())
+    xc = xa.copy()
+    for _ in range(8):
+        g = rng.standard_normal(17)
+        lowrank.step(xa, g)
+        resumed.step(xc, g)
+    np.testing.assert_array_equal(xa, xc)
