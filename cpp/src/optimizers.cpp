@@ -360,12 +360,11 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
     SADDLESCAPE_EXPECTS(opts_.refresh_every <= max_lowrank_period, "solver 'lowrank' needs "
                         "refresh_every <= ", max_lowrank_period, " (its cost per step grows like "
                         "refresh_every^2), got ", opts_.refresh_every);
-    SADDLESCAPE_EXPECTS(opts_.layout == structure::full,
-                        "solver 'lowrank' needs structure 'full', got '", to_string(opts_.layout),
-                        "'");
-    SADDLESCAPE_EXPECTS(opts_.form == root_form::inv_sqrt,
-                        "solver 'lowrank' computes the inv_sqrt form only, got form '",
-                        to_string(opts_.form), "'");
+    SADDLESCAPE_EXPECTS(opts_.layout != structure::diag,
+                        "solver 'lowrank' needs structure 'full' or 'block', got 'diag'");
+    SADDLESCAPE_EXPECTS(opts_.layout == structure::block || opts_.form == root_form::inv_sqrt,
+                        "solver 'lowrank' with structure 'full' computes the inv_sqrt form only, "
+                        "got form '", to_string(opts_.form), "' (structure 'block' has both)");
   }
   if (opts_.layout == structure::diag) {
     SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
@@ -374,6 +373,18 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
              opts_.refresh_every == 1) {
     SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
     closed_2x2_ = true;
+  } else if (lowrank && opts_.layout == structure::block) {
+    SADDLESCAPE_EXPECTS(!opts_.block_sizes.empty(), "structure 'block' needs block_sizes");
+    index_t total = 0;
+    for (const index_t b : opts_.block_sizes) total += b;
+    SADDLESCAPE_EXPECTS(total == dim, "block_sizes must sum to dim = ", dim, ", they sum to ",
+                        total);
+    block_engine_options bo;
+    bo.eps = opts_.eps;
+    bo.form = opts_.form;
+    bo.refresh_every = opts_.refresh_every;
+    bo.tol = opts_.tol;
+    blocks_ = std::make_unique<block_engine<double>>(opts_.block_sizes, beta_, bo);
   } else {
     est_ = std::make_unique<ema_estimator<double>>(dim, beta_, opts_.layout, opts_.block_sizes,
                                                    false, lowrank ? 1 : opts_.refresh_every);
@@ -392,7 +403,9 @@ std::int64_t rmsprop::burn_in_remaining() const noexcept {
   return std::max<std::int64_t>(0, opts_.burn_in - (steps_ - moves_));
 }
 
-std::int64_t rmsprop::updates() const noexcept { return est_ ? est_->steps() : own_updates_; }
+std::int64_t rmsprop::updates() const noexcept {
+  return blocks_ ? blocks_->updates() : est_ ? est_->steps() : own_updates_;
+}
 
 std::string rmsprop::describe() const {
   return concat("RMSProp(dim=", dim_, ", lr=", lr_->describe(), ", beta=", beta_->describe(),
@@ -404,6 +417,11 @@ std::string rmsprop::describe() const {
 std::vector<double> rmsprop::estimate() const {
   if (opts_.layout == structure::diag) return {v_.begin(), v_.end()};
   if (closed_2x2_) return {g2_[0], g2_[1], g2_[1], g2_[2]};
+  if (blocks_) {
+    std::vector<double> out(static_cast<std::size_t>(blocks_->estimate_size()));
+    blocks_->estimate(out.data());
+    return out;
+  }
   std::vector<double> out(static_cast<std::size_t>(est_->estimate_size()));
   est_->estimate(out.data());
   return out;
@@ -431,6 +449,10 @@ void rmsprop::update_estimate(const double* g) {
     return;
   }
   check_spectrum_fits(gmax_, dim_, "RMSProp");
+  if (blocks_) {
+    blocks_->update(g);
+    return;
+  }
   const double b = lowrank_ ? beta_at(*beta_, est_->steps()) : 0.0;
   est_->update(g);
   if (!lowrank_) return;
@@ -503,6 +525,12 @@ void rmsprop::move(double* x, const double* g, double lr, sampler*) {
         std::numeric_limits<double>::max()))
     SADDLESCAPE_NUMERICAL_FAIL("RMSProp: a step with max|g| = ", gmax_, ", lr = ", lr,
                                " and eps = ", opts_.eps, " could overflow; the state is unchanged");
+  if (blocks_) {
+    check_spectrum_fits(gmax_, dim_, "RMSProp");
+    blocks_->update_direction(g, dir_.data());
+    apply_direction(x, dir_.data(), dim_, lr, "(G + eps I)^(-1/2) g");
+    return;
+  }
   update_estimate(g);
   if (closed_2x2_) {
     closed_form_2x2(g2_, spec_, g, dir_.data());
@@ -614,6 +642,12 @@ void rmsprop::save_extra(optimizer_state& st) const {
     st.scalars["estimate.steps"] = static_cast<double>(own_updates_);
     st.scalars["estimate.scale"] = 1.0;
     st.scalars["estimate.beta_product"] = g2_beta_product_;
+  } else if (blocks_) {
+    auto e = blocks_->save();
+    st.arrays["engine.data"] = std::move(e.data);
+    st.arrays["engine.scalars"] = std::move(e.scalars);
+    st.scalars["estimate.steps"] = static_cast<double>(e.updates);
+    st.scalars["estimate.beta_product"] = e.beta_product;
   } else {
     save_estimator(*est_, st);
   }
@@ -642,6 +676,18 @@ void rmsprop::load_extra(const optimizer_state& st) {
     g2_[2] = n2;
     g2_beta_product_ = s.beta_product;
     own_updates_ = s.steps;
+  } else if (blocks_) {
+    block_engine<double>::state e;
+    const auto data = st.arrays.find("engine.data");
+    const auto scalars = st.arrays.find("engine.scalars");
+    SADDLESCAPE_EXPECTS(data != st.arrays.end() && scalars != st.arrays.end(),
+                        "the state has no arrays 'engine.data' and 'engine.scalars' (it is not "
+                        "from a block RMSProp with solver 'lowrank')");
+    e.data = data->second;
+    e.scalars = scalars->second;
+    e.updates = state_count(st, "estimate.steps");
+    e.beta_product = state_scalar(st, "estimate.beta_product");
+    blocks_->load(e);  // checks everything before assigning
   } else {
     est_->load(read_estimator(st, static_cast<std::size_t>(est_->estimate_size())));
     if (lowrank_) lowrank_->valid = false;

@@ -227,14 +227,16 @@ class RMSProp(Optimizer):
         burn_in: W >= 0 steps that only update G (Algorithm 3).
         refresh_every: with solver "eigh", refactor G every k updates (1: exact; k > 1: A is up to
             k - 1 updates stale). With solver "lowrank", the period of its eigendecomposition.
-        solver: "eigh" (default: an eigendecomposition per refresh) or "lowrank" (full structure,
-            form inv_sqrt): exact at every step to ``tol`` at a fraction of the cost. Between
+        solver: "eigh" (default: an eigendecomposition per refresh) or "lowrank" (structure
+            "full" with form inv_sqrt, or "block" with either form): exact at every step to ``tol`` at a fraction of the cost. Between
             eigendecompositions G_t + eps I = B + U W U^T, B known in its eigenbasis and U the
             gradients since, and A g = (2/pi) int_0^inf (G_t + eps I + s^2 I)^(-1) g ds by the
             trapezoidal rule in log s with Woodbury solves: O(d^2 + d k^2 n) per step (k <=
             refresh_every gradients since the last eigendecomposition, n ~ 100 quadrature
             nodes) plus an O(d^3) eigendecomposition every ``refresh_every`` updates (at most
-            256; 16 to 32 is best at d = 1024).
+            256; 16 to 32 is best at d = 1024). With structure "block" (either form) the
+            solver is :class:`saddlescape.BlockEngine` in float64: every block exact at every
+            step, its refreshes staggered across steps.
         tol: the lowrank solver's relative accuracy (quadrature), default 1e-10.
 
     With d = 2 and structure "full" the inverse square root is computed in closed form.

@@ -901,11 +901,11 @@ TEST(OptimRmsprop, LowRankSolverIsExactAtEveryStep) {
   ss::rmsprop_options o;
   o.solver = ss::root_solver::lowrank;
   o.layout = structure::diag;
-  EXPECT_INVALID("solver 'lowrank' needs structure 'full', got 'diag'",
+  EXPECT_INVALID("solver 'lowrank' needs structure 'full' or 'block', got 'diag'",
                  ss::rmsprop(4, constant(0.1), constant(0.9), o));
   o.layout = structure::full;
   o.form = root_form::adam;
-  EXPECT_INVALID("solver 'lowrank' computes the inv_sqrt form only",
+  EXPECT_INVALID("solver 'lowrank' with structure 'full' computes the inv_sqrt form only",
                  ss::rmsprop(4, constant(0.1), constant(0.9), o));
 }
 

@@ -642,9 +642,9 @@ def test_rmsprop_lowrank_matches_the_exact_direction(burn_in):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"structure": "diag"}, "solver 'lowrank' needs structure 'full', got 'diag'"),
-    ({"structure": "block", "block_sizes": [2, 3]}, "needs structure 'full', got 'block'"),
-    ({"form": "adam"}, "solver 'lowrank' computes the inv_sqrt form only, got form 'adam'"),
+    ({"structure": "diag"}, "solver 'lowrank' needs structure 'full' or 'block', got 'diag'"),
+    ({"structure": "block", "block_sizes": [2, 2]}, "block_sizes must sum to dim = 5"),
+    ({"form": "adam"}, "solver 'lowrank' with structure 'full' computes the inv_sqrt form only"),
     ({"tol": 0.0}, "tol must be in (0, 1), got 0"),
     ({"tol": 1.0}, "tol must be in (0, 1), got 1"),
 ])

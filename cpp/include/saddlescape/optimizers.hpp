@@ -24,6 +24,7 @@
 /// that does not converge (LAPACK's info > 0, not seen in practice): x is then unchanged but the
 /// estimate holds g. Optimizers work in float64 and are not thread-safe (one per thread).
 
+#include <saddlescape/block_engine.hpp>
 #include <saddlescape/errors.hpp>
 #include <saddlescape/estimators.hpp>
 #include <saddlescape/matrix_functions.hpp>
@@ -179,7 +180,9 @@ struct rmsprop_options {
   /// lowrank: the period of the full eigendecomposition (the step is exact regardless).
   std::int64_t refresh_every = 1;
   std::vector<index_t> block_sizes;        ///< structure::block only.
-  /// root_solver::lowrank (full structure, form inv_sqrt; refresh_every <= 256):
+  /// root_solver::lowrank with structure::block: the block engine (block_engine.hpp), exact
+  /// at every step for both forms, refreshes staggered across blocks.
+  /// root_solver::lowrank with structure::full (form inv_sqrt; refresh_every <= 256):
   /// G_t + eps I = B + U W U^T with B
   /// the estimate at the last eigendecomposition (decayed) plus eps I and U the gradients
   /// since, and A g = (2 / pi) int_0^inf (G_t + eps I + s^2 I)^(-1) g ds evaluated by the
@@ -233,7 +236,8 @@ class rmsprop final : public optimizer {
   double g2_beta_product_ = 1.0;                     // closed form: prod beta_t, as saved
   // diag: the estimate, in huge pages when large (a step streams it with x and g).
   std::vector<double, detail::huge_page_allocator<double>> v_;
-  std::unique_ptr<ema_estimator<double>> est_;       // full, block
+  std::unique_ptr<ema_estimator<double>> est_;       // full, block (solver eigh)
+  std::unique_ptr<block_engine<double>> blocks_;      // block, solver lowrank
   std::unique_ptr<lowrank_state> lowrank_;
   std::unique_ptr<detail::tridiagonal_apply> tridiagonal_;  // full, exact, d > 48
   std::vector<double> dir_;
