@@ -4,11 +4,12 @@
 
 #include "checks.hpp"
 #include "lapack.hpp"
-#include "lowrank.hpp"
 #include "multiversion.hpp"
 #include "parallel.hpp"
 #include "tridiagonal.hpp"
 
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +21,8 @@ namespace saddlescape {
 using detail::concat;
 
 namespace {
+
+constexpr double pi = 3.14159265358979323846;
 
 schedule_ptr require(schedule_ptr s, const char* name) {
   SADDLESCAPE_EXPECTS(s != nullptr, name, " must not be null");
@@ -330,6 +333,7 @@ struct rmsprop::lowrank_state {
       : root(d), dense(static_cast<std::size_t>(d * d)),
         u(static_cast<std::size_t>(period * d)), w(static_cast<std::size_t>(period)),
         y(static_cast<std::size_t>(d)), z(static_cast<std::size_t>(d)),
+        e(static_cast<std::size_t>(d)), a(static_cast<std::size_t>(d)),
         diag(static_cast<std::size_t>(d)) {}
   eigen_root<double> root;
   std::vector<double> dense;
@@ -337,8 +341,9 @@ struct rmsprop::lowrank_state {
   double gamma = 1.0;
   index_t k = 0;           // updates since the refresh
   bool y_is_last = false;  // y = V^T g for the latest update (saves a pass over V)
-  std::vector<double> u, w, y, z, diag, qd;
-  detail::lowrank_workspace work;
+  std::vector<double> u, w, y, z, e, a, diag;
+  Eigen::MatrixXd q, c, E, p, pe, qy, r, cw, mk;
+  Eigen::VectorXd omega;
 };
 
 rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_options opts)
@@ -555,24 +560,22 @@ void rmsprop::lowrank_direction(const double* g) {
   if (!L.y_is_last)
     detail::lapack::gemv('T', n, n, 1.0, L.root.eigenvectors(), n, g, 0.0, L.y.data());
   const auto& lambda = L.root.eigenvalues();
-  double hi = 0.0;
+  double lo = std::numeric_limits<double>::infinity(), hi = 0.0;
   for (index_t j = 0; j < d; ++j) {
     const double dj = L.gamma * lambda[static_cast<std::size_t>(j)] + opts_.eps;
     L.diag[static_cast<std::size_t>(j)] = dj;
+    lo = std::min(lo, dj);
     hi = std::max(hi, dj);
   }
   const index_t k = L.k;
-  // Q = U^T W^(1/2) (d x k, column-major: the rows of U scaled); it adds at most ||Q||_F^2 to
-  // the spectrum.
-  L.qd.resize(static_cast<std::size_t>(k * d));
+  // Q = W^(1/2) U (k x d); the low-rank part adds at most sum_i ||q_i||^2 to the spectrum.
+  L.q.resize(k, d);
   for (index_t i = 0; i < k; ++i) {
     const double s = std::sqrt(L.w[static_cast<std::size_t>(i)]);
     const double* ui = L.u.data() + i * d;
-    for (index_t j = 0; j < d; ++j) {
-      L.qd[static_cast<std::size_t>(i * d + j)] = s * ui[j];
-      hi += L.qd[static_cast<std::size_t>(i * d + j)] * L.qd[static_cast<std::size_t>(i * d + j)];
-    }
+    for (index_t j = 0; j < d; ++j) L.q(i, j) = s * ui[j];
   }
+  if (k > 0) hi += L.q.squaredNorm();
   // An estimate so large that the quadrature's scale products could overflow: this step is
   // computed exactly through the tridiagonal route instead, which rescales first.
   if (!(hi < 1e250)) {
@@ -581,8 +584,52 @@ void rmsprop::lowrank_direction(const double* g) {
     tridiagonal_->apply(spec_, g, dir_.data(), "the estimate G_t");
     return;
   }
-  detail::lowrank_apply(L.diag.data(), d, L.qd.data(), k, L.y.data(), root_form::inv_sqrt,
-                        opts_.eps, opts_.tol, L.z.data(), L.work);
+
+  // (M)^(-1/2) y = (2/pi) int (M + e^(2s))^(-1) y e^s ds. For one eigenvalue lambda the
+  // integrand is sech(s - log(lambda)/2) / (2 sqrt(lambda)), analytic in the strip |Im| < pi/2,
+  // so the trapezoidal rule with step h errs by about 2 exp(-pi^2 / h) (relative), and cutting
+  // the tails at distance T from [log(lo)/2, log(hi)/2] loses about 2 exp(-T) / pi.
+  const double log_tol = std::log(opts_.tol);
+  const double h = pi * pi / (std::log(4.0) - log_tol);
+  const double tail = std::log(2.0 / pi) - log_tol + 1.0;
+  const double s0 = 0.5 * std::log(lo) - tail, s1 = 0.5 * std::log(hi) + tail;
+  const auto nodes = static_cast<index_t>(std::ceil((s1 - s0) / h)) + 1;
+  // All nodes at once, as matrix products: E(j, m) = 1 / (D_j + sigma_m) and the node weights
+  // omega_m = (2 / pi) h e^(s_m), so that without the low-rank part z = (E omega) .* y.
+  L.E.resize(d, nodes);
+  L.omega.resize(nodes);
+  for (index_t m = 0; m < nodes; ++m) {
+    const double s = s0 + static_cast<double>(m) * h;
+    const double sigma = std::exp(2.0 * s);
+    L.omega(m) = (2.0 / pi) * h * std::exp(s);
+    for (index_t j = 0; j < d; ++j) L.E(j, m) = 1.0 / (L.diag[static_cast<std::size_t>(j)] + sigma);
+  }
+  Eigen::Map<Eigen::VectorXd> y(L.y.data(), d), z(L.z.data(), d);
+  z.noalias() = L.E * L.omega;
+  z.array() *= y.array();
+  if (k > 0) {
+    // Woodbury at node m: (E_m^(-1) + Q^T Q)^(-1) y = E_m y - E_m Q^T C_m^(-1) Q E_m y with
+    // C_m = I + Q E_m Q^T (symmetric positive definite, eigenvalues >= 1). Entries of every C_m
+    // come from one product: P(a k + b, j) = Q(a, j) Q(b, j), then P E. Likewise Q E_m y = the
+    // m-th column of (Q .* y^T) E. The corrections sum to sum_a q_a .* (E (omega .* c_a)).
+    L.p.resize(k * k, d);
+    for (index_t a = 0; a < k; ++a)
+      for (index_t b = 0; b < k; ++b)
+        L.p.row(a * k + b) = L.q.row(a).cwiseProduct(L.q.row(b));
+    L.pe.noalias() = L.p * L.E;
+    L.qy = L.q * y.asDiagonal();
+    L.r.noalias() = L.qy * L.E;
+    L.cw.resize(nodes, k);
+    Eigen::LLT<Eigen::MatrixXd> llt(k);
+    for (index_t m = 0; m < nodes; ++m) {
+      L.c = Eigen::Map<const Eigen::MatrixXd>(L.pe.col(m).data(), k, k);
+      L.c.diagonal().array() += 1.0;
+      llt.compute(L.c);
+      L.cw.row(m) = (L.omega(m) * llt.solve(L.r.col(m))).transpose();
+    }
+    L.mk.noalias() = L.E * L.cw;  // d x k
+    z -= (L.q.transpose().cwiseProduct(L.mk)).rowwise().sum();
+  }
   detail::lapack::gemv('N', n, n, 1.0, L.root.eigenvectors(), n, L.z.data(), 0.0, dir_.data());
 }
 
