@@ -48,6 +48,18 @@ T* output(py::array& a, index_t dim, const char* name) {
   return static_cast<T*>(a.mutable_data());
 }
 
+// A binding of out = method(v): both vectors checked, the GIL released, the engine locked.
+template <class T>
+auto vector_call(void (block_engine<T>::*method)(const T*, T*), const char* name) {
+  return [method, name](locked_engine<T>& e, const py::array& v, py::array out) {
+    const T* p = input<T>(v, -1, e.engine.dim(), name);
+    T* o = output<T>(out, e.engine.dim(), "out");
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(e.mutex);
+    (e.engine.*method)(p, o);
+  };
+}
+
 template <class T>
 void bind_engine(py::module_& m, const char* name) {
   using E = locked_engine<T>;
@@ -93,26 +105,10 @@ void bind_engine(py::module_& m, const char* name) {
             e.engine.update_batch(p, k);
           },
           py::arg("gs"))
-      .def(
-          "direction",
-          [](E& e, const py::array& v, py::array out) {
-            const T* p = input<T>(v, -1, e.engine.dim(), "v");
-            T* o = output<T>(out, e.engine.dim(), "out");
-            py::gil_scoped_release release;
-            std::lock_guard<std::mutex> lock(e.mutex);
-            e.engine.direction(p, o);
-          },
-          py::arg("v"), py::arg("out"))
-      .def(
-          "update_direction",
-          [](E& e, const py::array& g, py::array out) {
-            const T* p = input<T>(g, -1, e.engine.dim(), "g");
-            T* o = output<T>(out, e.engine.dim(), "out");
-            py::gil_scoped_release release;
-            std::lock_guard<std::mutex> lock(e.mutex);
-            e.engine.update_direction(p, o);
-          },
-          py::arg("g"), py::arg("out"))
+      .def("direction", vector_call<T>(&block_engine<T>::direction, "v"), py::arg("v"),
+           py::arg("out"))
+      .def("update_direction", vector_call<T>(&block_engine<T>::update_direction, "g"),
+           py::arg("g"), py::arg("out"))
       .def(
           "step",
           [](E& e, py::array x, const py::array& g, double lr) {
