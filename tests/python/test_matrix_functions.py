@@ -28,7 +28,11 @@ Error model behind every tolerance (``fwd_tol``, ``bwd_tol``), u = machine epsil
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -689,6 +693,118 @@ def test_batch_names_the_bad_member(helpers, method, kind, index, exc, message):
         ss.inv_sqrt(gb, method=method)
 
 
+def _big_batch(helpers, n: int, d: int, dtype, seed: int) -> tuple[np.ndarray, list[str], float]:
+    """n members of three kinds in turn, each with its own eigenbasis and a scale in [0.1, 10]:
+    random SPD (condition 1e2), rank-deficient (X X^T with rank d // 2, so d = 1 gives G = 0),
+    and ill-conditioned (condition 1e12, past float32's precision). Returns (G, kinds, eps): the
+    eps > 0 that every member needs, 1e-8 (float64) or 1e-3 (float32) times the largest scale."""
+    rng = np.random.default_rng(seed)
+    gs, kinds = [], []
+    for i in range(n):
+        kind = ("spd", "rank-deficient", "ill-conditioned")[i % 3]
+        scale = 10.0 ** rng.uniform(-1, 1)
+        if kind == "rank-deficient":
+            g = helpers.with_spectrum(np.r_[np.zeros(d - d // 2), scale * rng.uniform(0.1, 1, d // 2)],
+                                      rng)
+        else:
+            g = helpers.with_spectrum(helpers.log_spectrum(d, 1e2 if kind == "spd" else 1e12, scale),
+                                      rng)
+        gs.append(g)
+        kinds.append(kind)
+    eps = (1e-8 if dtype == np.float64 else 1e-3) * 10.0
+    return np.stack(gs).astype(dtype), kinds, eps
+
+
+def _eigh_reference(g: np.ndarray, eps: float, u: float) -> tuple[np.ndarray, float]:
+    """(G + eps I)^(-1/2) of the member as given, by np.linalg.eigh in float64 with the library's
+    clipping of |lambda| <= d u max|lambda| to 0, and the condition number of G + eps I."""
+    lam, v = np.linalg.eigh(g.astype(np.float64))
+    lam = np.where(lam <= g.shape[0] * u * np.abs(lam).max(), 0.0, lam)
+    return (v / np.sqrt(lam + eps)) @ v.T, cond(lam, eps)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("d", [1, 5, 16, 31, 32, 33, 64])
+def test_large_batch_matches_float64_eigh(helpers, dtype, d):
+    # 300 members: enough for several threads, several lockstep groups and a partial last one.
+    gb, kinds, eps = _big_batch(helpers, 300, d, dtype, seed=d)
+    u = _u(dtype)
+    with helpers.unchanged(gb):
+        ab = ss.inv_sqrt(gb, eps)
+    assert_well_formed(ab, gb, dtype)
+    np.testing.assert_array_equal(ab, ab.transpose(0, 2, 1))
+    for i, (g, kind) in enumerate(zip(gb, kinds)):
+        ref, k = _eigh_reference(g, eps, u)
+        # Members with eigenvalues at the clipping threshold d u lambda_max may have them set to
+        # zero here and not there: a perturbation of d u lambda_max (test_numerically_singular_
+        # needs_eps), in the float32 ill-conditioned and in the rank-deficient members.
+        if kind != "spd":
+            k *= 1 + d / 2
+        assert helpers.rel_err(ab[i], ref) <= fwd_tol(dtype, k, d), (i, kind)
+    # A member's result does not depend on its batch: the single call computes the same bits.
+    for i in (0, 1, 2, 7, 299):
+        np.testing.assert_array_equal(ab[i], ss.inv_sqrt(gb[i], eps), strict=True)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("d", [16, 150])
+@pytest.mark.parametrize(("first", "second", "message"), [
+    ("nan", "nan", "G[{i}] has a non-finite entry G[{i}][1, 0] = nan"),
+    ("negative", "nan", "G[{i}] is not positive semidefinite: it has the eigenvalue -"),
+    ("nan", "negative", "G[{i}] has a non-finite entry G[{i}][1, 0] = nan"),
+])
+@pytest.mark.parametrize(("i", "j"), [(7, 200), (5, 6)])
+def test_large_batch_names_the_lowest_bad_member(helpers, dtype, method, d, first, second,
+                                                  message, i, j):
+    # With threads (several matrices at once) and lockstep groups (G[5] and G[6] are decomposed
+    # together, and G[6]'s input check fails before G[5]'s eigenvalues exist), the error is still
+    # the one a loop over the members would meet first.
+    n = 300 if d == 16 else 40
+    j = min(j, n - 1)
+    rng = np.random.default_rng(d)
+    gb = np.stack([helpers.with_spectrum(rng.uniform(1, 2, d), rng) for _ in range(n)])
+    for idx, kind in ((i, first), (j, second)):
+        if kind == "nan":
+            gb[idx, 1, 0] = np.nan
+        else:
+            gb[idx] = helpers.with_spectrum(np.r_[-1.0, np.ones(d - 1)], rng)
+    gb = gb.astype(dtype)
+    with helpers.unchanged(gb), pytest.raises(ValueError, match=re.escape(message.format(i=i))):
+        ss.inv_sqrt(gb, 1e-3, method=method)
+
+
+def test_batch_results_do_not_depend_on_the_thread_count():
+    # SADDLESCAPE_NUM_THREADS is read once per process, hence the subprocesses. The cases cover
+    # the lockstep solver (d = 16, 64, with a partial last group), LAPACK (d = 150, with
+    # OpenBLAS made single-threaded under the library's threads) and Newton.
+    script = textwrap.dedent(
+        """
+        import hashlib
+        import numpy as np, saddlescape as ss
+        rng = np.random.default_rng(3)
+        h = hashlib.sha256()
+        for n, d, method in [(301, 16, "eigh"), (67, 64, "eigh"), (24, 150, "eigh"),
+                             (40, 24, "newton")]:
+            x = rng.standard_normal((n, d, d + 3))
+            g = x @ x.transpose(0, 2, 1)
+            for dtype in (np.float32, np.float64):
+                h.update(ss.inv_sqrt(g.astype(dtype), 1e-3, method=method).tobytes())
+                h.update(ss.inv_root(g.astype(dtype), 3, 1e-3, method=method).tobytes())
+        print(h.hexdigest())
+        """
+    )
+    outs = []
+    for threads in ("1", "2", "3", None):
+        env = dict(os.environ)
+        env.pop("SADDLESCAPE_NUM_THREADS", None)
+        if threads is not None:
+            env["SADDLESCAPE_NUM_THREADS"] = threads
+        outs.append(subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                                   capture_output=True, text=True, timeout=300).stdout)
+    assert len(outs[0]) == 65 and len(set(outs)) == 1, outs
+
+
 # --------------------------------------------------------------------------------------------
 # bad input, for every matrix function
 
@@ -1120,7 +1236,8 @@ def test_the_gil_is_released_during_the_computation(helpers):
     # this thread keeps waking up from 1 ms sleeps. If the call held the GIL, no wake-up could
     # happen until it returned (at most one or two around its start and end).
     rng = np.random.default_rng(600)
-    gb = np.stack([helpers.with_spectrum(helpers.log_spectrum(24, 1e3), rng) for _ in range(2000)])
+    # 8000 matrices: about 60 ms on two cores with the lockstep solver, so many 1 ms wake-ups.
+    gb = np.stack([helpers.with_spectrum(helpers.log_spectrum(24, 1e3), rng) for _ in range(8000)])
     state = {"inside": False, "done": False}
 
     def work() -> None:
