@@ -51,6 +51,9 @@ struct stop_source {
   clock_type::time_point next_poll{};
   std::int64_t pending = 0;
   std::exception_ptr monitor_error;
+  // run() ends an interrupted run's records at its last step; run_many keeps every seed on
+  // the shared record grid instead.
+  bool record_at_stop = false;
 
   // Whether to stop before step t; `steps` is the count of steps completed by this run.
   bool should_stop(std::int64_t steps) {
@@ -78,7 +81,10 @@ class recorder {
  public:
   recorder(const problem& p, const run_options& o, run_result& r)
       : p_(p), o_(o), r_(r), g_(static_cast<std::size_t>(p.dim())) {
-    const auto n = static_cast<std::size_t>(o.steps / o.record_every + 2);
+    // Capped: a run of 10^9 steps may well be interrupted long before its end, and reserving
+    // for all of it up front could fail; past the cap the vectors grow as usual.
+    const auto n = static_cast<std::size_t>(std::min<std::int64_t>(o.steps / o.record_every + 2,
+                                                                   std::int64_t(1) << 16));
     r.t.reserve(n);
     if (p.has_value()) r.f.reserve(n);
     if (p.has_gradient()) r.grad_norm.reserve(n);
@@ -180,7 +186,7 @@ run_result run_impl(const problem& p, optimizer& opt, const double* x0, const ru
     } else {
       stop(r, run_status::interrupted, t, detail::concat("interrupted before step ", t));
       // The records then end at the last completed step, whatever record_every says.
-      if (r.t.back() != t) record(t, x);
+      if (stopper.record_at_stop && r.t.back() != t) record(t, x);
     }
     return true;
   };
@@ -211,6 +217,7 @@ run_result run(const problem& p, optimizer& opt, const double* x0, const run_opt
   check_run_args(p, opt, x0, o);
   stop_source stopper;
   stopper.o = &o;
+  stopper.record_at_stop = true;
   return run_impl(p, opt, x0, o, stopper);
 }
 

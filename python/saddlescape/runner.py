@@ -22,7 +22,8 @@ records up to the last completed step attached as ``result`` (and the step as ``
 attribute :class:`DivergenceError` uses. Ctrl-C is noticed within about 50 ms (the loop takes the
 GIL to run Python's signal handlers every ``0.05`` s, between steps; a single longer step delays
 it): the run stops at the next step boundary and the ``KeyboardInterrupt`` raised carries the
-records the same way. ``run_many`` then stops every seed at its next step boundary (seeds not
+records the same way (``run`` adds a last record at the step where it stopped; ``run_many``
+keeps every seed on the shared grid of ``record_every``). ``run_many`` then stops every seed at its next step boundary (seeds not
 yet started keep only their record at x0, status ``"interrupted"``) and joins all its threads
 before raising; the optimizers keep the state of their last completed step.
 
@@ -306,7 +307,9 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
             bar.close()
     del made
     errors = [o.pop("error") for o in outs]
-    t = np.unique(np.r_[np.arange(0, n + 1, every), n]).astype(np.int64)
+    # Every run records on the same grid (0, every, 2 every, ..., n); a stopped run's records
+    # are a prefix of it, so the longest one is the grid as far as any run got.
+    t = max((o["t"] for o in outs), key=len).astype(np.int64)
     R, dim = t.shape[0], p.dim
     result = RunManyResult(
         t=t,
