@@ -355,6 +355,10 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
                       opts_.refresh_every);
   SADDLESCAPE_EXPECTS(std::isfinite(opts_.tol) && opts_.tol > 0.0 && opts_.tol < 1.0,
                       "tol must be in (0, 1), got ", opts_.tol);
+  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1,
+                      "max_consecutive_failures must be >= 1, got ", opts_.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(std::isfinite(opts_.fallback_eps) && opts_.fallback_eps >= 0.0,
+                      "fallback_eps must be finite and >= 0, got ", opts_.fallback_eps);
   const bool lowrank = opts_.solver == root_solver::lowrank;
   if (lowrank) {
     SADDLESCAPE_EXPECTS(opts_.refresh_every <= max_lowrank_period, "solver 'lowrank' needs "
@@ -384,6 +388,8 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
     bo.form = opts_.form;
     bo.refresh_every = opts_.refresh_every;
     bo.tol = opts_.tol;
+    bo.max_consecutive_failures = opts_.max_consecutive_failures;
+    bo.fallback_eps = opts_.fallback_eps;
     blocks_ = std::make_unique<block_engine<double>>(opts_.block_sizes, beta_, bo);
   } else {
     est_ = std::make_unique<ema_estimator<double>>(dim, beta_, opts_.layout, opts_.block_sizes,
@@ -425,6 +431,18 @@ std::vector<double> rmsprop::estimate() const {
   std::vector<double> out(static_cast<std::size_t>(est_->estimate_size()));
   est_->estimate(out.data());
   return out;
+}
+
+block_statistics rmsprop::statistics() const {
+  SADDLESCAPE_EXPECTS(blocks_ != nullptr, "statistics are kept by RMSProp with structure 'block' "
+                      "and solver 'lowrank' (the block engine)");
+  return blocks_->statistics();
+}
+
+void rmsprop::inject_refresh_failures(index_t block, std::int64_t attempts, int stages) {
+  SADDLESCAPE_EXPECTS(blocks_ != nullptr, "inject_refresh_failures needs RMSProp with structure "
+                      "'block' and solver 'lowrank' (the block engine)");
+  blocks_->inject_refresh_failures(block, attempts, stages);
 }
 
 void rmsprop::update_estimate(const double* g) {

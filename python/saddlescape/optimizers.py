@@ -238,6 +238,12 @@ class RMSProp(Optimizer):
             solver is :class:`saddlescape.BlockEngine` in float64: every block exact at every
             step, its refreshes staggered across steps.
         tol: the lowrank solver's relative accuracy (quadrature), default 1e-10.
+        max_consecutive_failures, fallback_eps: with structure "block" and solver "lowrank",
+            the block engine's fallback policy for a failed or non-finite refactorisation
+            (:mod:`saddlescape.blocks`): retry with G_b + fallback_eps I if fallback_eps > 0,
+            else keep the block's previous eigenbasis; raise NumericalError naming the block
+            after max_consecutive_failures kept bases in a row. Every fallback is counted in
+            :meth:`statistics`. The other structures raise NumericalError at the first failure.
 
     With d = 2 and structure "full" the inverse square root is computed in closed form.
     """
@@ -246,12 +252,15 @@ class RMSProp(Optimizer):
                  eps: float = 1e-8, structure: str = "full", form: str = "inv_sqrt",
                  burn_in: int = 0, refresh_every: int = 1,
                  block_sizes: Sequence[int] | None = None, solver: str = "eigh",
-                 tol: float = 1e-10) -> None:
+                 tol: float = 1e-10, max_consecutive_failures: int = 3,
+                 fallback_eps: float = 0.0) -> None:
         self._args = (
             as_schedule("lr", lr), as_schedule("beta", beta), _real("eps", eps),
             _choice("structure", structure, _STRUCTURES), _choice("form", form, ("inv_sqrt", "adam")),
             _integer("burn_in", burn_in), _integer("refresh_every", refresh_every),
-            _blocks(block_sizes), _choice("solver", solver, ("eigh", "lowrank")), _real("tol", tol))
+            _blocks(block_sizes), _choice("solver", solver, ("eigh", "lowrank")), _real("tol", tol),
+            _integer("max_consecutive_failures", max_consecutive_failures),
+            _real("fallback_eps", fallback_eps))
         self._native(dim)  # built now: its dimension is known, and bad arguments fail here
 
     def _make(self, dim: int) -> _core.Optimizer:
@@ -266,6 +275,26 @@ class RMSProp(Optimizer):
     def updates(self) -> int:
         """Updates of the estimate so far."""
         return self._native_obj.updates
+
+    def statistics(self) -> dict[str, Any]:
+        """Structure "block" with solver "lowrank": the block engine's per-block figures,
+        fallbacks included (see :meth:`saddlescape.BlockEngine.statistics`), with totals under
+        ``total_*``.
+
+        Raises:
+            ValueError: for the other structures and solvers.
+        """
+        s = dict(self._native_obj.statistics())
+        for key in ("refreshes", "failed_refreshes", "float64_retries", "eps_retries",
+                    "kept_bases"):
+            s[f"total_{key}"] = int(sum(s[key]))
+        return s
+
+    def _inject_refresh_failures(self, block: int, attempts: int, stages: int = 3) -> None:
+        """Test hook: as :meth:`saddlescape.BlockEngine._inject_refresh_failures`."""
+        self._native_obj.inject_refresh_failures(_integer("block", block),
+                                                 _integer("attempts", attempts),
+                                                 _integer("stages", stages))
 
     def estimate(self) -> np.ndarray:
         """G_t: (d, d) for full, (d,) for diag, the blocks (row-major) back to back for block."""

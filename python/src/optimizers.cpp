@@ -388,7 +388,8 @@ optimizer_state state_from_python(const py::dict& d) {
 
 rmsprop_options rmsprop_opts(double eps, const std::string& s, const std::string& form,
                              std::int64_t burn_in, std::int64_t refresh_every,
-                             std::vector<index_t> blocks, const std::string& solver, double tol) {
+                             std::vector<index_t> blocks, const std::string& solver, double tol,
+                             std::int64_t max_consecutive_failures, double fallback_eps) {
   rmsprop_options o;
   o.eps = eps;
   o.layout = parse_structure(s);
@@ -398,6 +399,8 @@ rmsprop_options rmsprop_opts(double eps, const std::string& s, const std::string
   o.block_sizes = std::move(blocks);
   o.solver = parse_root_solver(solver);
   o.tol = tol;
+  o.max_consecutive_failures = max_consecutive_failures;
+  o.fallback_eps = fallback_eps;
   return o;
 }
 
@@ -495,14 +498,36 @@ void bind_optimizers(py::module_& m) {
       .def(py::init([](index_t dim, schedule_ptr lr, schedule_ptr beta, double eps,
                        const std::string& s, const std::string& form, std::int64_t burn_in,
                        std::int64_t refresh_every, std::vector<index_t> blocks,
-                       const std::string& solver, double tol) {
+                       const std::string& solver, double tol,
+                       std::int64_t max_consecutive_failures, double fallback_eps) {
              return std::make_shared<rmsprop>(
                  dim, std::move(lr), std::move(beta),
-                 rmsprop_opts(eps, s, form, burn_in, refresh_every, std::move(blocks), solver, tol));
+                 rmsprop_opts(eps, s, form, burn_in, refresh_every, std::move(blocks), solver, tol,
+                              max_consecutive_failures, fallback_eps));
            }),
            py::arg("dim"), py::arg("lr"), py::arg("beta"), py::arg("eps"), py::arg("structure"),
            py::arg("form"), py::arg("burn_in"), py::arg("refresh_every"), py::arg("block_sizes"),
-           py::arg("solver"), py::arg("tol"))
+           py::arg("solver"), py::arg("tol"), py::arg("max_consecutive_failures") = 3,
+           py::arg("fallback_eps") = 0.0)
+      .def("statistics",
+           [](const rmsprop& o) {
+             const block_statistics s = o.statistics();
+             py::dict d;
+             d["refreshes"] = s.refreshes;
+             d["warm_refreshes"] = s.warm_refreshes;
+             d["fallbacks"] = s.fallbacks;
+             d["lambda_min"] = s.lambda_min;
+             d["lambda_max"] = s.lambda_max;
+             d["pending"] = s.pending;
+             d["failed_refreshes"] = s.failed_refreshes;
+             d["float64_retries"] = s.float64_retries;
+             d["eps_retries"] = s.eps_retries;
+             d["kept_bases"] = s.kept_bases;
+             d["consecutive_failures"] = s.consecutive_failures;
+             return d;
+           })
+      .def("inject_refresh_failures", &rmsprop::inject_refresh_failures, py::arg("block"),
+           py::arg("attempts"), py::arg("stages"))
       .def_property_readonly("updates", &rmsprop::updates)
       .def_property_readonly("structure",
                              [](const rmsprop& o) { return std::string(to_string(o.options().layout)); })

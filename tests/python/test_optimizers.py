@@ -1472,3 +1472,51 @@ def test_bad_g_is_rejected_and_changes_nothing(helpers, kind, g, message):
         with pytest.raises(ValueError, match=re.escape(message)):
             opt.step(x, g)
     assert_same_state(before, opt.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# The block engine's fallback policy through RMSProp(structure="block", solver="lowrank").
+
+
+def _block_rmsprop(**kw):
+    return ss.RMSProp(9, 1e-2, beta=0.9, eps=1e-6, structure="block", block_sizes=[4, 5],
+                      solver="lowrank", refresh_every=2, **kw)
+
+
+def test_rmsprop_block_fallbacks_are_counted_and_the_run_goes_on():
+    P = ss.problems.NoisyQuadratic(np.eye(9), np.full(9, 0.3))
+    opt = _block_rmsprop()
+    opt._inject_refresh_failures(1, attempts=2, stages=3)
+    r = ss.run(P, opt, np.ones(9), 40, seed=2)
+    st = opt.statistics()
+    assert r.status == "completed" and np.isfinite(r.x_final).all()
+    assert st["kept_bases"] == [0, 2] and st["consecutive_failures"] == [0, 0]
+    assert st["total_failed_refreshes"] == 2
+    # The counters travel with the state, and the continuation is bit for bit.
+    again = _block_rmsprop()
+    again.load_state_dict(opt.state_dict())
+    assert again.statistics() == st
+    x1, x2 = np.ones(9), np.ones(9)
+    g = np.linspace(-1, 1, 9)
+    opt.step(x1, g), again.step(x2, g)
+    np.testing.assert_array_equal(x1, x2)
+
+
+def test_rmsprop_block_raises_naming_the_block_with_the_records():
+    P = ss.problems.NoisyQuadratic(np.eye(9), np.full(9, 0.3))
+    opt = _block_rmsprop(max_consecutive_failures=2)
+    opt._inject_refresh_failures(0, attempts=100, stages=3)
+    with pytest.raises(ss.NumericalError, match="block 0") as info:
+        ss.run(P, opt, np.ones(9), 100, seed=2)
+    r = info.value.result
+    assert r.status == "numerical" and r.t[-1] == r.stopped_at > 0
+    assert opt.statistics()["consecutive_failures"] == [1, 0]
+
+
+def test_rmsprop_fallback_options_are_checked():
+    with pytest.raises(ValueError, match="max_consecutive_failures must be >= 1, got 0"):
+        ss.RMSProp(3, 0.1, max_consecutive_failures=0)
+    with pytest.raises(ValueError, match="fallback_eps must be finite and >= 0, got -1"):
+        ss.RMSProp(3, 0.1, fallback_eps=-1.0)
+    with pytest.raises(ValueError, match="statistics are kept by RMSProp with structure 'block'"):
+        ss.RMSProp(3, 0.1).statistics()

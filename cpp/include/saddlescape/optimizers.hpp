@@ -190,6 +190,10 @@ struct rmsprop_options {
   /// eigenbasis: O(d^2 + d k^2 n_nodes) per step instead of an O(d^3) eigendecomposition.
   root_solver solver = root_solver::eigh;
   double tol = 1e-10;                      ///< lowrank: the quadrature's relative accuracy.
+  /// Structure block with solver lowrank (the block engine): its fallback policy for failed
+  /// refactorisations (block_engine.hpp); the other structures ignore them.
+  std::int64_t max_consecutive_failures = 3;
+  double fallback_eps = 0.0;
 };
 
 /// Algorithms 2 and 3. See the file comment for the exact rule.
@@ -215,6 +219,11 @@ class rmsprop final : public optimizer {
   std::int64_t updates() const noexcept;
   /// The estimate G_t in the layout of ema_estimator::estimate() (d x d, d, or blocks).
   std::vector<double> estimate() const;
+  /// The block engine's per-block statistics, fallbacks included (structure block, solver
+  /// lowrank). @throws invalid_argument for the other structures.
+  block_statistics statistics() const;
+  /// The block engine's test hook (block_engine::inject_refresh_failures).
+  void inject_refresh_failures(index_t block, std::int64_t attempts, int stages);
 
  protected:
   void move(double* x, const double* g, double lr, sampler* source) override;
