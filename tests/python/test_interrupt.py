@@ -262,3 +262,37 @@ def test_an_unmonitored_run_is_unchanged_by_the_monitor():
     a = ss.run(P, ss.RMSProp(6, 1e-2), np.ones(6), 3000, seed=5)
     b = ss.run(P, ss.RMSProp(6, 1e-2), np.ones(6), 3000, seed=5, progress=lambda n: None)
     np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_run_seeds_notices_ctrl_c_between_launches_host_side():
+    # No GPU needed: the launches are replaced by a fake that takes 50 ms per batch, so that
+    # only the host-side loop between launches is tested.
+    out = run_child("""
+        import saddlescape.cuda as cuda
+        cuda._FIRST_BATCH = 4
+        cuda._require = lambda: None
+        class Fake:
+            @staticmethod
+            def run_seeds(problem, native, x, seeds, steps, radius, value, stream):
+                time.sleep(0.05)
+                n = len(seeds)
+                return {"seeds": seeds, "escape_step": np.arange(n), "f_final": np.ones(n),
+                        "x_final": np.zeros(n * x.size), "status": np.zeros(n, np.int64),
+                        "stopped_at": np.full(n, -1)}
+        cuda._cuda = Fake()
+        P = problems.SaddleProblem()
+        sent = interrupt_after(0.3)
+        try:
+            cuda.run_seeds(P, ss.SGD(0.01), np.zeros(2), 10, seeds=10**6)
+            print(json.dumps({"raised": False}))
+        except KeyboardInterrupt as e:
+            r = e.result
+            done = int((r.status == "completed").sum())
+            print(json.dumps({"raised": True, "latency": time.perf_counter() - sent["at"],
+                              "done": done, "n": len(r.status),
+                              "rest": sorted(set(r.status[done:].tolist())),
+                              "x_rest": float(np.abs(r.x_final[done:]).max())}))
+        """)
+    assert out["raised"] and out["latency"] < LATENCY_LIMIT_S
+    assert out["n"] == 10**6 and 0 < out["done"] < 10**6
+    assert out["rest"] == ["interrupted"] and out["x_rest"] == 0.0
