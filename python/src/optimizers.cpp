@@ -404,6 +404,26 @@ rmsprop_options rmsprop_opts(double eps, const std::string& s, const std::string
   return o;
 }
 
+// Per-block statistics as a dict; the fields a source does not keep (empty) are left out.
+py::dict statistics_dict(const block_statistics& s) {
+  py::dict d;
+  auto put = [&](const char* name, const auto& v) {
+    if (!v.empty()) d[name] = v;
+  };
+  put("refreshes", s.refreshes);
+  put("warm_refreshes", s.warm_refreshes);
+  put("fallbacks", s.fallbacks);
+  put("lambda_min", s.lambda_min);
+  put("lambda_max", s.lambda_max);
+  put("pending", s.pending);
+  put("failed_refreshes", s.failed_refreshes);
+  put("float64_retries", s.float64_retries);
+  put("eps_retries", s.eps_retries);
+  put("kept_bases", s.kept_bases);
+  put("consecutive_failures", s.consecutive_failures);
+  return d;
+}
+
 void bind_optimizers(py::module_& m) {
   py::class_<optimizer, std::shared_ptr<optimizer>>(m, "Optimizer")
       .def_property_readonly("dim", &optimizer::dim)
@@ -509,23 +529,7 @@ void bind_optimizers(py::module_& m) {
            py::arg("form"), py::arg("burn_in"), py::arg("refresh_every"), py::arg("block_sizes"),
            py::arg("solver"), py::arg("tol"), py::arg("max_consecutive_failures") = 3,
            py::arg("fallback_eps") = 0.0)
-      .def("statistics",
-           [](const rmsprop& o) {
-             const block_statistics s = o.statistics();
-             py::dict d;
-             d["refreshes"] = s.refreshes;
-             d["warm_refreshes"] = s.warm_refreshes;
-             d["fallbacks"] = s.fallbacks;
-             d["lambda_min"] = s.lambda_min;
-             d["lambda_max"] = s.lambda_max;
-             d["pending"] = s.pending;
-             d["failed_refreshes"] = s.failed_refreshes;
-             d["float64_retries"] = s.float64_retries;
-             d["eps_retries"] = s.eps_retries;
-             d["kept_bases"] = s.kept_bases;
-             d["consecutive_failures"] = s.consecutive_failures;
-             return d;
-           })
+      .def("statistics", [](const rmsprop& o) { return statistics_dict(o.statistics()); })
       .def("inject_refresh_failures", &rmsprop::inject_refresh_failures, py::arg("block"),
            py::arg("attempts"), py::arg("stages"))
       .def_property_readonly("updates", &rmsprop::updates)
@@ -536,8 +540,11 @@ void bind_optimizers(py::module_& m) {
   py::class_<adam, optimizer, std::shared_ptr<adam>>(m, "Adam")
       .def(py::init([](index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, double eps,
                        const std::string& s, const std::string& form, std::int64_t refresh_every,
-                       std::vector<index_t> blocks) {
+                       std::vector<index_t> blocks, std::int64_t max_consecutive_failures,
+                       double fallback_eps) {
              adam_options o;
+             o.max_consecutive_failures = max_consecutive_failures;
+             o.fallback_eps = fallback_eps;
              o.eps = eps;
              o.layout = parse_structure(s);
              o.form = parse_root_form(form);
@@ -547,7 +554,11 @@ void bind_optimizers(py::module_& m) {
            }),
            py::arg("dim"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
            py::arg("structure"), py::arg("form"), py::arg("refresh_every"),
-           py::arg("block_sizes"));
+           py::arg("block_sizes"), py::arg("max_consecutive_failures") = 3,
+           py::arg("fallback_eps") = 0.0)
+      .def("statistics", [](const adam& o) { return statistics_dict(o.statistics()); })
+      .def("inject_refresh_failures", &adam::inject_refresh_failures, py::arg("block"),
+           py::arg("attempts"), py::arg("stages"));
 
   py::class_<saddle_escape, optimizer, std::shared_ptr<saddle_escape>>(m, "SaddleEscape")
       .def(py::init<optimizer_ptr, double, std::int64_t, std::int64_t>(), py::arg("base"),

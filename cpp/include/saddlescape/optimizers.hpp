@@ -190,8 +190,10 @@ struct rmsprop_options {
   /// eigenbasis: O(d^2 + d k^2 n_nodes) per step instead of an O(d^3) eigendecomposition.
   root_solver solver = root_solver::eigh;
   double tol = 1e-10;                      ///< lowrank: the quadrature's relative accuracy.
-  /// Structure block with solver lowrank (the block engine): its fallback policy for failed
-  /// refactorisations (block_engine.hpp); the other structures ignore them.
+  /// The fallback policy for failed refactorisations: the block engine's (structure block,
+  /// solver lowrank; block_engine.hpp) or the estimator's (the factorisations of full and block
+  /// with solver eigh; estimators.hpp). The tridiagonal route (full, eigh, refresh_every = 1,
+  /// d > 48) and the full lowrank solver have none: their failures raise at once.
   std::int64_t max_consecutive_failures = 3;
   double fallback_eps = 0.0;
 };
@@ -219,10 +221,12 @@ class rmsprop final : public optimizer {
   std::int64_t updates() const noexcept;
   /// The estimate G_t in the layout of ema_estimator::estimate() (d x d, d, or blocks).
   std::vector<double> estimate() const;
-  /// The block engine's per-block statistics, fallbacks included (structure block, solver
-  /// lowrank). @throws invalid_argument for the other structures.
+  /// Per-block statistics: the block engine's (structure block, solver lowrank), or the
+  /// estimator's fallback counters (full, block with solver eigh; the other fields empty).
+  /// @throws invalid_argument for structure diag and the closed 2 x 2 form.
   block_statistics statistics() const;
-  /// The block engine's test hook (block_engine::inject_refresh_failures).
+  /// The test hook of the block engine or the estimator (inject_refresh_failures /
+  /// inject_factor_failures).
   void inject_refresh_failures(index_t block, std::int64_t attempts, int stages);
 
  protected:
@@ -258,6 +262,9 @@ struct adam_options {
   root_form form = root_form::adam;
   std::int64_t refresh_every = 1;
   std::vector<index_t> block_sizes;
+  /// full and block: the estimator's fallback policy for failed factorisations (estimators.hpp).
+  std::int64_t max_consecutive_failures = 3;
+  double fallback_eps = 0.0;
 };
 
 class adam final : public optimizer {
@@ -268,6 +275,9 @@ class adam final : public optimizer {
   double lr(std::int64_t t) const override { return (*lr_)(t); }
   std::string describe() const override;
   std::string kind() const override { return "Adam"; }
+  /// full, block: the estimator's fallback counters. @throws invalid_argument for diag.
+  block_statistics statistics() const;
+  void inject_refresh_failures(index_t block, std::int64_t attempts, int stages);
 
  protected:
   void move(double* x, const double* g, double lr, sampler* source) override;
