@@ -110,7 +110,8 @@ void load_estimator(ema_estimator<double>& est, const optimizer_state& st) {
   const auto s = read_estimator(st, static_cast<std::size_t>(est.estimate_size()));
   const auto old = est.fallback_counters();
   const auto it = st.arrays.find("estimate.fallback_counters");
-  if (it != st.arrays.end()) est.load_fallback_counters(it->second);
+  if (it != st.arrays.end())
+    est.load_fallback_counters(state_array(st, "estimate.fallback_counters", old.size()));
   try {
     est.load(s);
   } catch (...) {
