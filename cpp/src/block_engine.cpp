@@ -495,7 +495,8 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
           SADDLESCAPE_NUMERICAL_FAIL(
               "the refactorisation of ", name(), " failed ", blk.consecutive + 1,
               " times in a row (max_consecutive_failures = ", opts_.max_consecutive_failures,
-              "; this time LAPACK syevd info = ", info,
+              "; this time ", info == -1000 ? std::string("a failure injected by the test hook")
+                                            : concat("LAPACK syevd info = ", info),
               sizeof(T) == 4 ? ", then the float64 retry" : "",
               opts_.fallback_eps > 0.0 ? ", then the retry with fallback_eps" : "",
               "); nothing was changed");

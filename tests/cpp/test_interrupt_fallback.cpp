@@ -181,3 +181,39 @@ TEST(BlockEngineFallback, FailuresStayInTheirBlockAndRaiseAfterTheLimit) {
   EXPECT_TRUE(raised);
   EXPECT_EQ(a.statistics().kept_bases[2], 1);
 }
+
+TEST(EstimatorFallback, KeepsTheBlocksFactorisationAndRaisesAfterTheLimit) {
+  ss::ema_estimator<double> a(5, constant(0.9), ss::structure::block, {2, 3}),
+      b(5, constant(0.9), ss::structure::block, {2, 3});
+  a.set_fallback({2, 0.0});
+  const ss::root_spec spec{2, 1e-3, ss::root_form::inv_sqrt};
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> normal;
+  std::vector<double> g(5), oa(5), ob(5), od(5);
+  ss::ema_estimator<double> d(5, constant(0.9), ss::structure::block, {2, 3});
+  auto feed = [&] {
+    for (auto& v : g) v = normal(rng);
+    a.update(g.data());
+    b.update(g.data());
+  };
+  feed();
+  d.update(g.data());  // d stays at the first update
+  a.apply(spec, g.data(), oa.data());
+  b.apply(spec, g.data(), ob.data());
+  a.inject_factor_failures(0, 1, 3);
+  feed();
+  a.apply(spec, g.data(), oa.data());
+  b.apply(spec, g.data(), ob.data());
+  d.apply(spec, g.data(), od.data());
+  for (int i = 2; i < 5; ++i) EXPECT_EQ(oa[i], ob[i]);  // block 1 refactored as usual
+  // Block 0 used its previous factorisation: A of the first update.
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(oa[i], od[i]);
+  EXPECT_NE(oa[0], ob[0]);
+  EXPECT_EQ(a.fallback_stats().kept_bases, (std::vector<std::int64_t>{1, 0}));
+  ss::ema_estimator<double> c(5, constant(0.9), ss::structure::block, {2, 3});
+  a.inject_factor_failures(0, 5, 3);
+  feed();
+  EXPECT_THROW(a.apply(spec, g.data(), oa.data()), ss::numerical_error);
+  EXPECT_EQ(a.fallback_stats().consecutive_failures, (std::vector<std::int64_t>{1, 0}));
+  EXPECT_THROW(c.inject_factor_failures(2, 1, 1), ss::invalid_argument);
+}
