@@ -223,6 +223,8 @@ def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
         if bar is not None:
             bar.close()
     err = d.pop("error")
+    if isinstance(err, KeyboardInterrupt):
+        d["status"] = "interrupted"  # Ctrl-C met inside a Python oracle or callable
     result = RunResult(seed=s, **d)
     if err is not None:
         _raise_with(err, result, result.stopped_at)
@@ -307,6 +309,9 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
             bar.close()
     del made
     errors = [o.pop("error") for o in outs]
+    for e, o in zip(errors, outs):
+        if isinstance(e, KeyboardInterrupt):
+            o["status"] = "interrupted"  # Ctrl-C met inside a Python oracle or callable
     # Every run records on the same grid (0, every, 2 every, ..., n); a stopped run's records
     # are a prefix of it, so the longest one is the grid as far as any run got.
     t = max((o["t"] for o in outs), key=len).astype(np.int64)

@@ -148,7 +148,7 @@ def test_ctrl_c_inside_a_python_oracle_keeps_the_records():
                               "status": r.status}))
         """)
     assert out["raised"] and out["latency"] < LATENCY_LIMIT_S
-    assert out["status"] in ("interrupted", "error")
+    assert out["status"] == "interrupted"
     assert out["t_last"] == out["n"] > 0
 
 
