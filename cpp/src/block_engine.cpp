@@ -138,8 +138,8 @@ block_engine<T>::block_engine(std::vector<index_t> block_sizes, schedule_ptr bet
   SADDLESCAPE_EXPECTS(opts_.tol == 0.0 || (std::isfinite(opts_.tol) && opts_.tol >= 1e-15 &&
                                            opts_.tol < 1.0),
                       "tol must be in [1e-15, 1) (or 0 for the default), got ", opts_.tol);
-  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1,
-                      "max_consecutive_failures must be >= 1, got ", opts_.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1, "max_consecutive_failures must be "
+                      ">= 1, got ", opts_.max_consecutive_failures);
   SADDLESCAPE_EXPECTS(std::isfinite(opts_.fallback_eps) && opts_.fallback_eps >= 0.0,
                       "fallback_eps must be finite and >= 0, got ", opts_.fallback_eps);
   tol_ = opts_.tol > 0 ? opts_.tol : (sizeof(T) == 4 ? 1e-6 : 1e-10);

@@ -355,7 +355,7 @@ void ema_estimator<T>::refresh_factors() {
       }
     }
     if (!cache_.roots[b]->factored())
-      SADDLESCAPE_NUMERICAL_FAIL("the factorisation of ", name, " failed", 
+      SADDLESCAPE_NUMERICAL_FAIL("the factorisation of ", name, " failed",
                                  fallback_.fallback_eps > 0.0 ? " (also with fallback_eps)" : "",
                                  " and there is no previous one to keep; nothing was changed");
     if (fb_consecutive_[b] + 1 >= fallback_.max_consecutive_failures)
@@ -387,8 +387,8 @@ void ema_estimator<T>::refresh_factors() {
 
 template <class T>
 void ema_estimator<T>::set_fallback(const fallback_options& o) {
-  SADDLESCAPE_EXPECTS(o.max_consecutive_failures >= 1, "max_consecutive_failures must be >= 1, got ",
-                      o.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(o.max_consecutive_failures >= 1,
+                      "max_consecutive_failures must be >= 1, got ", o.max_consecutive_failures);
   SADDLESCAPE_EXPECTS(std::isfinite(o.fallback_eps) && o.fallback_eps >= 0.0,
                       "fallback_eps must be finite and >= 0, got ", o.fallback_eps);
   fallback_ = o;

@@ -384,8 +384,8 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
                       opts_.refresh_every);
   SADDLESCAPE_EXPECTS(std::isfinite(opts_.tol) && opts_.tol > 0.0 && opts_.tol < 1.0,
                       "tol must be in (0, 1), got ", opts_.tol);
-  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1,
-                      "max_consecutive_failures must be >= 1, got ", opts_.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1, "max_consecutive_failures must be "
+                      ">= 1, got ", opts_.max_consecutive_failures);
   SADDLESCAPE_EXPECTS(std::isfinite(opts_.fallback_eps) && opts_.fallback_eps >= 0.0,
                       "fallback_eps must be finite and >= 0, got ", opts_.fallback_eps);
   const bool lowrank = opts_.solver == root_solver::lowrank;
@@ -754,8 +754,8 @@ adam::adam(index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, adam_
       beta2_(checked_beta(std::move(beta2), "beta2")), beta1_(beta1), opts_(std::move(opts)),
       spec_{2, opts_.eps, opts_.form} {
   SADDLESCAPE_EXPECTS(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
-  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1,
-                      "max_consecutive_failures must be >= 1, got ", opts_.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1, "max_consecutive_failures must be "
+                      ">= 1, got ", opts_.max_consecutive_failures);
   SADDLESCAPE_EXPECTS(std::isfinite(opts_.fallback_eps) && opts_.fallback_eps >= 0.0,
                       "fallback_eps must be finite and >= 0, got ", opts_.fallback_eps);
   check_eps(opts_.eps);

@@ -21,9 +21,9 @@
 /// the optimizer's state are then exactly as before the call. So is a g too large for the
 /// estimate (a numerical_error: max|g|^2 or the estimate's eigenvalues would overflow, or the
 /// step could). An eigensolver that fails (LAPACK's info > 0, not seen in practice) goes through
-/// the fallback policy of the estimator or block engine (rmsprop_options::max_consecutive_failures);
-/// when that gives up, x is unchanged but the estimate holds g (the block engine: nothing
-/// changed). Optimizers work in float64 and are not thread-safe (one per thread).
+/// the fallback policy of the estimator or block engine (see
+/// rmsprop_options::max_consecutive_failures); when that gives up, x is unchanged but the
+/// estimate holds g (the block engine: nothing changed). Optimizers work in float64 and are not thread-safe (one per thread).
 
 #include <saddlescape/block_engine.hpp>
 #include <saddlescape/errors.hpp>
