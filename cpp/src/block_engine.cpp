@@ -23,6 +23,9 @@ namespace {
 // The refresh period of the lowrank representation: its per-step cost grows like its square.
 constexpr std::int64_t max_period = 256;
 
+// Counters per block in a saved state, now and before the fallback counters.
+constexpr std::size_t counters = 10, counters_v1 = 5;
+
 std::size_t physical_memory() {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
   if (pages <= 0 || page <= 0) return std::numeric_limits<std::size_t>::max();
@@ -53,12 +56,18 @@ struct block_engine<T>::block {
   double gamma = 1.0;          // decay of S since the refresh
   std::int64_t k = 0, since = 0;
   std::int64_t refreshes = 0, warm = 0, fallbacks = 0;
+  // The fallback policy's counters (saved), and the test hook's injected failures (not saved).
+  std::int64_t failed = 0, retried64 = 0, retried_eps = 0, kept = 0, consecutive = 0;
+  std::int64_t inject_attempts = 0;
+  int inject_stages = 0;
 };
 
 // A refreshed block's new factorisation, committed only when every block succeeded.
 template <class T>
 struct block_engine<T>::job {
   bool refresh = false, warm_ok = false, fell_back = false;
+  bool primary_failed = false;
+  int stage = 0;  // the fallback that produced the factorisation: 0 none, 1 float64, 2 eps, 3 kept
   std::vector<T> S, V;
   std::vector<double> lambda;
 };
@@ -66,7 +75,7 @@ struct block_engine<T>::job {
 template <class T>
 struct block_engine<T>::scratch {
   detail::lowrank_workspace lowrank;
-  std::vector<double> D, Q, y, z, M, Vd;
+  std::vector<double> D, Q, y, z, M, Vd, dwork;
   std::vector<T> yt, zt, rows, work;
   std::vector<int> iwork;
 };
@@ -129,6 +138,10 @@ block_engine<T>::block_engine(std::vector<index_t> block_sizes, schedule_ptr bet
   SADDLESCAPE_EXPECTS(opts_.tol == 0.0 || (std::isfinite(opts_.tol) && opts_.tol >= 1e-15 &&
                                            opts_.tol < 1.0),
                       "tol must be in [1e-15, 1) (or 0 for the default), got ", opts_.tol);
+  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1, "max_consecutive_failures must be "
+                      ">= 1, got ", opts_.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(std::isfinite(opts_.fallback_eps) && opts_.fallback_eps >= 0.0,
+                      "fallback_eps must be finite and >= 0, got ", opts_.fallback_eps);
   tol_ = opts_.tol > 0 ? opts_.tol : (sizeof(T) == 4 ? 1e-6 : 1e-10);
 
   const std::size_t need = memory_bytes();
@@ -425,26 +438,92 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
           jb.fell_back = true;
         }
       }
-      if (!jb.warm_ok) {
-        std::copy(jb.S.begin(), jb.S.begin() + nn * nn, jb.V.begin());
-        fit(sc.work, 1 + 6 * nn + 2 * nn * nn);
+      // The fallback policy (block_engine.hpp). `injected(stage)`: the test hook fails it.
+      auto injected = [&](int stage) {
+        return blk.inject_attempts > 0 && stage < blk.inject_stages;
+      };
+      auto finite_lambda = [&] {
+        for (index_t j = 0; j < n; ++j)
+          if (!std::isfinite(jb.lambda[j])) return false;
+        return true;
+      };
+      int info = 0;
+      bool ok = jb.warm_ok;
+      if (!ok) {
+        if (injected(0)) {
+          info = -1000;  // what the hook reports
+        } else {
+          std::copy(jb.S.begin(), jb.S.begin() + nn * nn, jb.V.begin());
+          fit(sc.work, 1 + 6 * nn + 2 * nn * nn);
+          fit(sc.iwork, 3 + 5 * nn);
+          std::vector<T> lam(nn);
+          info = detail::lapack::syevd('V', ni, jb.V.data(), lam.data(), sc.work.data(),
+                                       static_cast<int>(sc.work.size()), sc.iwork.data(),
+                                       static_cast<int>(sc.iwork.size()));
+          for (index_t j = 0; j < n; ++j) jb.lambda[j] = lam[j];
+        }
+        ok = info == 0 && finite_lambda();
+      }
+      jb.stage = 0;
+      jb.primary_failed = !ok;
+      // The retries eigendecompose in double (G_b + shift I), the basis rounded to T.
+      auto factor_double = [&](double shift) {
+        fit(sc.M, nn * nn);
+        double* M = sc.M.data();
+        for (index_t j = 0; j < n; ++j)
+          for (index_t i = j; i < n; ++i) M[i + j * n] = double(jb.S[i + j * n]);
+        for (index_t j = 0; j < n; ++j) M[j + j * n] += shift;
+        fit(sc.dwork, 1 + 6 * nn + 2 * nn * nn);
         fit(sc.iwork, 3 + 5 * nn);
-        std::vector<T> lam(nn);
-        const int info = detail::lapack::syevd('V', ni, jb.V.data(), lam.data(), sc.work.data(),
-                                               static_cast<int>(sc.work.size()), sc.iwork.data(),
-                                               static_cast<int>(sc.iwork.size()));
-        if (info != 0)
-          SADDLESCAPE_NUMERICAL_FAIL("the eigensolver (LAPACK syevd) failed for ", name(),
-                                     " of the estimate (info = ", info, "); nothing was changed");
-        for (index_t j = 0; j < n; ++j) jb.lambda[j] = lam[j];
+        const int inf = detail::lapack::syevd('V', ni, M, jb.lambda.data(), sc.dwork.data(),
+                                              static_cast<int>(sc.dwork.size()), sc.iwork.data(),
+                                              static_cast<int>(sc.iwork.size()));
+        if (inf != 0 || !finite_lambda()) return false;
+        for (std::size_t i = 0; i < nn * nn; ++i) jb.V[i] = static_cast<T>(M[i]);
+        return true;
+      };
+      if (!ok && sizeof(T) == 4 && !injected(1) && factor_double(0.0)) {
+        ok = true;
+        jb.stage = 1;
       }
-      for (index_t j = 0; j < n; ++j) {
-        if (!std::isfinite(jb.lambda[j]))
-          SADDLESCAPE_NUMERICAL_FAIL("the eigenvalues of ", name(), " are not finite; nothing was "
-                                     "changed");
-        // An EMA of outer products is positive semidefinite: below zero is rounding.
+      if (!ok && opts_.fallback_eps > 0.0 && !injected(2) && factor_double(opts_.fallback_eps)) {
+        ok = true;
+        jb.stage = 2;
+      }
+      if (!ok) {
+        if (blk.consecutive + 1 >= opts_.max_consecutive_failures)
+          SADDLESCAPE_NUMERICAL_FAIL(
+              "the refactorisation of ", name(), " failed ", blk.consecutive + 1,
+              " times in a row (max_consecutive_failures = ", opts_.max_consecutive_failures,
+              "; this time ", info == -1000 ? std::string("a failure injected by the test hook")
+                                            : concat("LAPACK syevd info = ", info),
+              sizeof(T) == 4 ? ", then the float64 retry" : "",
+              opts_.fallback_eps > 0.0 ? ", then the retry with fallback_eps" : "",
+              "); nothing was changed");
+        // Keep the previous basis; its Rayleigh quotients diag(V^T S V) as eigenvalues.
+        jb.stage = 3;
+        std::copy(blk.V.begin(), blk.V.begin() + nn * nn, jb.V.begin());
+        fit(sc.M, nn * nn);
+        fit(sc.Vd, 2 * nn * nn);
+        double* M = sc.M.data();
+        double* Vd = sc.Vd.data();
+        double* P = Vd + nn * nn;
+        for (index_t j = 0; j < n; ++j)
+          for (index_t i = j; i < n; ++i) M[i + j * n] = M[j + i * n] = double(jb.S[i + j * n]);
+        for (std::size_t i = 0; i < nn * nn; ++i) Vd[i] = double(blk.V[i]);
+        detail::lapack::gemm('N', 'N', ni, ni, ni, 1.0, M, ni, Vd, ni, 0.0, P, ni);
+        for (index_t j = 0; j < n; ++j) {
+          double q = 0.0;
+          for (index_t i = 0; i < n; ++i) q += Vd[i + j * n] * P[i + j * n];
+          jb.lambda[j] = q;
+        }
+        if (!finite_lambda())
+          SADDLESCAPE_NUMERICAL_FAIL("the eigenvalues of ", name(), " are not finite; nothing "
+                                     "was changed");
+      }
+      // An EMA of outer products is positive semidefinite: below zero is rounding.
+      for (index_t j = 0; j < n; ++j)
         if (jb.lambda[j] < 0) jb.lambda[j] = 0.0;
-      }
       if (!v) return;
       for (index_t j = 0; j < n; ++j) sc.yt[j] = v[blk.off + j];
       detail::lapack::gemm('T', 'N', ni, 1, ni, T(1), jb.V.data(), ni, sc.yt.data(), ni, T(0),
@@ -502,10 +581,17 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
       std::swap(blk.lambda, jb.lambda);
       blk.gamma = 1.0;
       blk.k = 0;
-      blk.since = 0;
-      ++blk.refreshes;
+      // A block that kept its basis retries at its next update.
+      blk.since = jb.stage == 3 ? R - 1 : 0;
+      blk.refreshes += jb.stage == 3 ? 0 : 1;
       blk.warm += jb.warm_ok ? 1 : 0;
       blk.fallbacks += jb.fell_back ? 1 : 0;
+      blk.failed += jb.primary_failed ? 1 : 0;
+      blk.retried64 += jb.stage == 1 ? 1 : 0;
+      blk.retried_eps += jb.stage == 2 ? 1 : 0;
+      blk.kept += jb.stage == 3 ? 1 : 0;
+      blk.consecutive = jb.stage == 3 ? blk.consecutive + 1 : 0;
+      if (blk.inject_attempts > 0) --blk.inject_attempts;
     } else if (kin > 0) {
       blk.gamma *= decay;
       for (std::int64_t i = 0; i < blk.k; ++i) blk.w[i] *= decay;
@@ -560,6 +646,16 @@ void block_engine<T>::refresh(index_t block, bool warm) {
 }
 
 template <class T>
+void block_engine<T>::inject_refresh_failures(index_t block, std::int64_t attempts, int stages) {
+  SADDLESCAPE_EXPECTS(block >= 0 && block < num_blocks(), "block must be in [0, ",
+                      num_blocks() - 1, "], got ", block);
+  SADDLESCAPE_EXPECTS(attempts >= 0, "attempts must be >= 0, got ", attempts);
+  SADDLESCAPE_EXPECTS(stages >= 0 && stages <= 3, "stages must be in [0, 3], got ", stages);
+  blocks_[block].inject_attempts = attempts;
+  blocks_[block].inject_stages = stages;
+}
+
+template <class T>
 void block_engine<T>::estimate(T* out) const {
   const double corr = opts_.bias_correction && updates_ > 0 ? 1.0 / (1.0 - beta_product_) : 1.0;
   index_t at = 0;
@@ -595,6 +691,11 @@ block_statistics block_engine<T>::statistics() const {
     s.lambda_min.push_back(*lo);
     s.lambda_max.push_back(*hi);
     s.pending.push_back(blk.k);
+    s.failed_refreshes.push_back(blk.failed);
+    s.float64_retries.push_back(blk.retried64);
+    s.eps_retries.push_back(blk.retried_eps);
+    s.kept_bases.push_back(blk.kept);
+    s.consecutive_failures.push_back(blk.consecutive);
   }
   return s;
 }
@@ -614,7 +715,9 @@ typename block_engine<T>::state block_engine<T>::save() const {
     st.scalars.push_back(blk.gamma);
     st.scalars.insert(st.scalars.end(), blk.w.begin(), blk.w.begin() + R);
     st.scalars.insert(st.scalars.end(), blk.lambda.begin(), blk.lambda.begin() + n);
-    for (const std::int64_t c : {blk.since, blk.k, blk.refreshes, blk.warm, blk.fallbacks})
+    for (const std::int64_t c : {blk.since, blk.k, blk.refreshes, blk.warm, blk.fallbacks,
+                                 blk.failed, blk.retried64, blk.retried_eps, blk.kept,
+                                 blk.consecutive})
       st.scalars.push_back(static_cast<double>(c));
   }
   return st;
@@ -623,18 +726,22 @@ typename block_engine<T>::state block_engine<T>::save() const {
 template <class T>
 void block_engine<T>::load(const state& st) {
   const auto R = static_cast<std::size_t>(opts_.refresh_every);
-  std::size_t data = 0, scalars = 0;
+  std::size_t data = 0, scalars = 0, scalars_v1 = 0;
   for (const index_t b : sizes_) {
     const auto n = static_cast<std::size_t>(b);
     data += 2 * n * n + 2 * R * n;
-    scalars += 1 + R + n + 5;
+    scalars += 1 + R + n + counters;
+    scalars_v1 += 1 + R + n + counters_v1;
   }
   SADDLESCAPE_EXPECTS(st.data.size() == data, "the state's data must have ", data,
                       " values for these block sizes and refresh_every = ", R, ", got ",
                       st.data.size());
-  SADDLESCAPE_EXPECTS(st.scalars.size() == scalars, "the state's scalars must have ", scalars,
-                      " values for these block sizes and refresh_every = ", R, ", got ",
-                      st.scalars.size());
+  // A state from before the fallback counters has 5 counters per block instead of 10.
+  SADDLESCAPE_EXPECTS(st.scalars.size() == scalars || st.scalars.size() == scalars_v1,
+                      "the state's scalars must have ", scalars, " values (", scalars_v1,
+                      " in a state without the fallback counters) for these block sizes and "
+                      "refresh_every = ", R, ", got ", st.scalars.size());
+  const std::size_t nc = st.scalars.size() == scalars ? counters : counters_v1;
   SADDLESCAPE_EXPECTS(st.updates >= 0, "the state's updates must be >= 0, got ", st.updates);
   SADDLESCAPE_EXPECTS(st.updates == 0 ? st.beta_product == 1.0
                                       : (st.beta_product >= 0.0 && st.beta_product < 1.0),
@@ -657,13 +764,13 @@ void block_engine<T>::load(const state& st) {
       SADDLESCAPE_EXPECTS(st.scalars[at + 1 + R + i] >= 0.0, "block ", b, ": the state's "
                           "eigenvalues must be >= 0, got ", st.scalars[at + 1 + R + i]);
     const double* c = st.scalars.data() + at + 1 + R + n;
-    for (int i = 0; i < 5; ++i)
+    for (std::size_t i = 0; i < nc; ++i)
       SADDLESCAPE_EXPECTS(c[i] >= 0.0 && c[i] == std::floor(c[i]) && c[i] <= 9.0e15, "block ", b,
                           ": the state's counters must be integers >= 0, got ", c[i]);
     SADDLESCAPE_EXPECTS(c[1] <= c[0] && c[0] < static_cast<double>(R), "block ", b,
                         ": the state's history (", c[1], " gradients, ", c[0],
                         " updates since the refresh) does not fit refresh_every = ", R);
-    at += 1 + R + n + 5;
+    at += 1 + R + n + nc;
   }
   at = 0;
   std::size_t ad = 0;
@@ -686,7 +793,15 @@ void block_engine<T>::load(const state& st) {
     blk.refreshes = static_cast<std::int64_t>(c[2]);
     blk.warm = static_cast<std::int64_t>(c[3]);
     blk.fallbacks = static_cast<std::int64_t>(c[4]);
-    at += 1 + R + n + 5;
+    const auto counter = [&](std::size_t i) {
+      return i < nc ? static_cast<std::int64_t>(c[i]) : std::int64_t(0);
+    };
+    blk.failed = counter(5);
+    blk.retried64 = counter(6);
+    blk.retried_eps = counter(7);
+    blk.kept = counter(8);
+    blk.consecutive = counter(9);
+    at += 1 + R + n + nc;
   }
   updates_ = st.updates;
   beta_product_ = st.beta_product;

@@ -138,6 +138,13 @@ ema_estimator<T>::ema_estimator(index_t dim, schedule_ptr beta, structure s,
   }
   data_.assign(static_cast<std::size_t>(estimate_size()), T(0));
   if (s == structure::diag) spare_.assign(data_.size(), T(0));
+  const std::size_t nb = blocks_.size();
+  fb_failed_.assign(nb, 0);
+  fb_eps_.assign(nb, 0);
+  fb_kept_.assign(nb, 0);
+  fb_consecutive_.assign(nb, 0);
+  inject_attempts_.assign(nb, 0);
+  inject_stages_.assign(nb, 0);
 }
 
 template <class T>
@@ -305,29 +312,127 @@ template <class T>
 void ema_estimator<T>::refresh_factors() {
   if (cache_.factored_at >= 0 && steps_ - cache_.factored_at < refresh_every_) return;
   const bool resumed = cache_.factored_at < 0 && resume_from_ >= 0 && resume_from_ <= steps_;
-  cache_.factored_at = -1;
-  if (cache_.roots.size() != blocks_.size()) {
+  const std::size_t nb = blocks_.size();
+  auto make = [&] {
     // Built aside and moved in, so that a throw (bad_alloc) never leaves a partial cache.
     decltype(cache_.roots) roots;
     for (const index_t b : blocks_) roots.push_back(std::make_unique<eigen_root<T>>(b));
-    cache_.roots = std::move(roots);
-  }
+    return roots;
+  };
+  if (cache_.roots.size() != nb) cache_.roots = make();
+  if (cache_.spares.size() != nb) cache_.spares = make();
   const index_t largest = *std::max_element(blocks_.begin(), blocks_.end());
   dense_.resize(static_cast<std::size_t>(largest * largest));
   const T c = static_cast<T>(scale_ * correction());
-  for (std::size_t b = 0; b < blocks_.size(); ++b) {
+  // Every block is factored into its spare first; the cache changes only once all succeeded
+  // or fell back (the fallback policy, file comment).
+  std::vector<int> outcome(nb, 0);  // 0 factored, 2 with fallback_eps, 3 kept the previous
+  std::vector<char> first_failed(nb, 0);
+  for (std::size_t b = 0; b < nb; ++b) {
     const index_t n = blocks_[b];
     const T* s = data_.data() + storage_[b];
     for (index_t j = 0; j < n; ++j)
       for (index_t i = j; i < n; ++i) dense_[i * n + j] = dense_[j * n + i] = c * s[i + j * n];
-    cache_.roots[b]->factor(dense_.data(), blocks_.size() == 1
-                                         ? std::string("the estimate")
-                                         : concat("block ", b, " of the estimate"));
+    const std::string name = nb == 1 ? std::string("the estimate")
+                                     : concat("block ", b, " of the estimate");
+    auto injected = [&](int stage) { return inject_attempts_[b] > 0 && stage < inject_stages_[b]; };
+    auto attempt = [&](int stage) {
+      if (injected(stage)) return false;
+      try {
+        cache_.spares[b]->factor(dense_.data(), name);
+        return true;
+      } catch (const numerical_error&) {
+        return false;
+      }
+    };
+    if (attempt(0)) continue;
+    first_failed[b] = 1;
+    if (fallback_.fallback_eps > 0.0) {
+      for (index_t i = 0; i < n; ++i) dense_[i * n + i] += static_cast<T>(fallback_.fallback_eps);
+      if (attempt(2)) {
+        outcome[b] = 2;
+        continue;
+      }
+    }
+    if (!cache_.roots[b]->factored())
+      SADDLESCAPE_NUMERICAL_FAIL("the factorisation of ", name, " failed",
+                                 fallback_.fallback_eps > 0.0 ? " (also with fallback_eps)" : "",
+                                 " and there is no previous one to keep; nothing was changed");
+    if (fb_consecutive_[b] + 1 >= fallback_.max_consecutive_failures)
+      SADDLESCAPE_NUMERICAL_FAIL("the factorisation of ", name, " failed ", fb_consecutive_[b] + 1,
+                                 " times in a row (max_consecutive_failures = ",
+                                 fallback_.max_consecutive_failures, "); nothing was changed");
+    outcome[b] = 3;
   }
-  // A loaded estimator keeps the saved refresh schedule, so that it refactors when the saved
-  // one would have (its first factorisation replaces one it does not have).
+  bool kept = false;
+  for (std::size_t b = 0; b < nb; ++b) {
+    if (outcome[b] != 3) std::swap(cache_.roots[b], cache_.spares[b]);
+    fb_failed_[b] += first_failed[b];
+    fb_eps_[b] += outcome[b] == 2 ? 1 : 0;
+    fb_kept_[b] += outcome[b] == 3 ? 1 : 0;
+    fb_consecutive_[b] = outcome[b] == 3 ? fb_consecutive_[b] + 1 : 0;
+    kept |= outcome[b] == 3;
+    if (inject_attempts_[b] > 0) --inject_attempts_[b];
+  }
+  // A block that kept its previous factorisation is retried at the next use (all blocks are
+  // refactored then). Otherwise a loaded estimator keeps the saved refresh schedule, so that it
+  // refactors when the saved one would have.
+  if (kept) {
+    cache_.factored_at = -1;
+    return;
+  }
   cache_.factored_at = resumed ? steps_ - (steps_ - resume_from_) % refresh_every_ : steps_;
   resume_from_ = -1;
+}
+
+template <class T>
+void ema_estimator<T>::set_fallback(const fallback_options& o) {
+  SADDLESCAPE_EXPECTS(o.max_consecutive_failures >= 1,
+                      "max_consecutive_failures must be >= 1, got ", o.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(std::isfinite(o.fallback_eps) && o.fallback_eps >= 0.0,
+                      "fallback_eps must be finite and >= 0, got ", o.fallback_eps);
+  fallback_ = o;
+}
+
+template <class T>
+fallback_statistics ema_estimator<T>::fallback_stats() const {
+  return {fb_failed_, fb_eps_, fb_kept_, fb_consecutive_};
+}
+
+template <class T>
+std::vector<double> ema_estimator<T>::fallback_counters() const {
+  std::vector<double> out;
+  for (std::size_t b = 0; b < blocks_.size(); ++b)
+    for (const std::int64_t v : {fb_failed_[b], fb_eps_[b], fb_kept_[b], fb_consecutive_[b]})
+      out.push_back(static_cast<double>(v));
+  return out;
+}
+
+template <class T>
+void ema_estimator<T>::load_fallback_counters(const std::vector<double>& c) {
+  const std::size_t nb = blocks_.size();
+  SADDLESCAPE_EXPECTS(c.size() == 4 * nb, "the fallback counters must have ", 4 * nb,
+                      " values (4 per block), got ", c.size());
+  for (const double v : c)
+    SADDLESCAPE_EXPECTS(v >= 0.0 && v <= 9.0e15 && v == std::floor(v),
+                        "the fallback counters must be integers >= 0, got ", v);
+  for (std::size_t b = 0; b < nb; ++b) {
+    fb_failed_[b] = static_cast<std::int64_t>(c[4 * b]);
+    fb_eps_[b] = static_cast<std::int64_t>(c[4 * b + 1]);
+    fb_kept_[b] = static_cast<std::int64_t>(c[4 * b + 2]);
+    fb_consecutive_[b] = static_cast<std::int64_t>(c[4 * b + 3]);
+  }
+}
+
+template <class T>
+void ema_estimator<T>::inject_factor_failures(index_t block, std::int64_t attempts, int stages) {
+  SADDLESCAPE_EXPECTS(structure_ != structure::diag, "the diagonal estimate has no factorisation");
+  SADDLESCAPE_EXPECTS(block >= 0 && block < static_cast<index_t>(blocks_.size()),
+                      "block must be in [0, ", blocks_.size() - 1, "], got ", block);
+  SADDLESCAPE_EXPECTS(attempts >= 0, "attempts must be >= 0, got ", attempts);
+  SADDLESCAPE_EXPECTS(stages >= 0 && stages <= 3, "stages must be in [0, 3], got ", stages);
+  inject_attempts_[block] = attempts;
+  inject_stages_[block] = stages;
 }
 
 template <class T>
@@ -395,6 +500,9 @@ void ema_estimator<T>::load(const state& st) {
   bound_ = 0.0;
   for (const T x : data_) bound_ = std::max(bound_, std::abs(static_cast<double>(x)));
   cache_.factored_at = -1;
+  // A factorisation of the estimate before the load is no fallback for the loaded one.
+  cache_.roots.clear();
+  cache_.spares.clear();
   resume_from_ = st.factored_at;
 }
 

@@ -85,6 +85,7 @@ void save_estimator(const ema_estimator<double>& est, optimizer_state& st) {
   st.scalars["estimate.scale"] = s.scale;
   st.scalars["estimate.beta_product"] = s.beta_product;
   st.scalars["estimate.factored_at"] = static_cast<double>(s.factored_at);
+  st.arrays["estimate.fallback_counters"] = est.fallback_counters();
 }
 
 ema_estimator<double>::state read_estimator(const optimizer_state& st, std::size_t size) {
@@ -100,6 +101,34 @@ ema_estimator<double>::state read_estimator(const optimizer_state& st, std::size
                         "the state's 'estimate.factored_at' must be an integer >= -1, got ", f);
     s.factored_at = static_cast<std::int64_t>(f);
   }
+  return s;
+}
+
+// Loads the estimator and its fallback counters (optional: states from before them have
+// none), checking both before either changes.
+void load_estimator(ema_estimator<double>& est, const optimizer_state& st) {
+  const auto s = read_estimator(st, static_cast<std::size_t>(est.estimate_size()));
+  const auto old = est.fallback_counters();
+  const auto it = st.arrays.find("estimate.fallback_counters");
+  if (it != st.arrays.end())
+    est.load_fallback_counters(state_array(st, "estimate.fallback_counters", old.size()));
+  try {
+    est.load(s);
+  } catch (...) {
+    est.load_fallback_counters(old);
+    throw;
+  }
+  if (it == st.arrays.end()) est.load_fallback_counters(std::vector<double>(old.size(), 0.0));
+}
+
+block_statistics estimator_statistics(const ema_estimator<double>& est) {
+  const fallback_statistics f = est.fallback_stats();
+  block_statistics s;
+  s.failed_refreshes = f.failed_refreshes;
+  s.float64_retries.assign(f.failed_refreshes.size(), 0);
+  s.eps_retries = f.eps_retries;
+  s.kept_bases = f.kept_bases;
+  s.consecutive_failures = f.consecutive_failures;
   return s;
 }
 
@@ -355,6 +384,10 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
                       opts_.refresh_every);
   SADDLESCAPE_EXPECTS(std::isfinite(opts_.tol) && opts_.tol > 0.0 && opts_.tol < 1.0,
                       "tol must be in (0, 1), got ", opts_.tol);
+  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1, "max_consecutive_failures must be "
+                      ">= 1, got ", opts_.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(std::isfinite(opts_.fallback_eps) && opts_.fallback_eps >= 0.0,
+                      "fallback_eps must be finite and >= 0, got ", opts_.fallback_eps);
   const bool lowrank = opts_.solver == root_solver::lowrank;
   if (lowrank) {
     SADDLESCAPE_EXPECTS(opts_.refresh_every <= max_lowrank_period, "solver 'lowrank' needs "
@@ -384,10 +417,13 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
     bo.form = opts_.form;
     bo.refresh_every = opts_.refresh_every;
     bo.tol = opts_.tol;
+    bo.max_consecutive_failures = opts_.max_consecutive_failures;
+    bo.fallback_eps = opts_.fallback_eps;
     blocks_ = std::make_unique<block_engine<double>>(opts_.block_sizes, beta_, bo);
   } else {
     est_ = std::make_unique<ema_estimator<double>>(dim, beta_, opts_.layout, opts_.block_sizes,
                                                    false, lowrank ? 1 : opts_.refresh_every);
+    est_->set_fallback({opts_.max_consecutive_failures, opts_.fallback_eps});
     if (lowrank) lowrank_ = std::make_unique<lowrank_state>(dim, opts_.refresh_every);
     // Exact every step: no factorisation to reuse, so the eigenvectors are never formed.
     if (!lowrank && opts_.layout == structure::full && opts_.refresh_every == 1 &&
@@ -425,6 +461,22 @@ std::vector<double> rmsprop::estimate() const {
   std::vector<double> out(static_cast<std::size_t>(est_->estimate_size()));
   est_->estimate(out.data());
   return out;
+}
+
+block_statistics rmsprop::statistics() const {
+  SADDLESCAPE_EXPECTS(blocks_ != nullptr || est_ != nullptr, "statistics are kept by RMSProp "
+                      "with a factorised estimate (structure 'full' or 'block', not 'diag' or the "
+                      "closed 2 x 2 form)");
+  return blocks_ ? blocks_->statistics() : estimator_statistics(*est_);
+}
+
+void rmsprop::inject_refresh_failures(index_t block, std::int64_t attempts, int stages) {
+  SADDLESCAPE_EXPECTS(blocks_ != nullptr || est_ != nullptr, "inject_refresh_failures needs "
+                      "RMSProp with a factorised estimate (structure 'full' or 'block')");
+  if (blocks_)
+    blocks_->inject_refresh_failures(block, attempts, stages);
+  else
+    est_->inject_factor_failures(block, attempts, stages);
 }
 
 void rmsprop::update_estimate(const double* g) {
@@ -689,7 +741,7 @@ void rmsprop::load_extra(const optimizer_state& st) {
     e.beta_product = state_scalar(st, "estimate.beta_product");
     blocks_->load(e);  // checks everything before assigning
   } else {
-    est_->load(read_estimator(st, static_cast<std::size_t>(est_->estimate_size())));
+    load_estimator(*est_, st);
     if (lowrank_) lowrank_->valid = false;
   }
 }
@@ -702,6 +754,10 @@ adam::adam(index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, adam_
       beta2_(checked_beta(std::move(beta2), "beta2")), beta1_(beta1), opts_(std::move(opts)),
       spec_{2, opts_.eps, opts_.form} {
   SADDLESCAPE_EXPECTS(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
+  SADDLESCAPE_EXPECTS(opts_.max_consecutive_failures >= 1, "max_consecutive_failures must be "
+                      ">= 1, got ", opts_.max_consecutive_failures);
+  SADDLESCAPE_EXPECTS(std::isfinite(opts_.fallback_eps) && opts_.fallback_eps >= 0.0,
+                      "fallback_eps must be finite and >= 0, got ", opts_.fallback_eps);
   check_eps(opts_.eps);
   SADDLESCAPE_EXPECTS(opts_.refresh_every >= 1, "refresh_every must be >= 1, got ",
                       opts_.refresh_every);
@@ -715,7 +771,20 @@ adam::adam(index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, adam_
   } else {
     est_ = std::make_unique<ema_estimator<double>>(dim, beta2_, opts_.layout, opts_.block_sizes,
                                                    true, opts_.refresh_every);
+    est_->set_fallback({opts_.max_consecutive_failures, opts_.fallback_eps});
   }
+}
+
+block_statistics adam::statistics() const {
+  SADDLESCAPE_EXPECTS(est_ != nullptr, "statistics are kept by Adam with structure 'full' or "
+                      "'block'");
+  return estimator_statistics(*est_);
+}
+
+void adam::inject_refresh_failures(index_t block, std::int64_t attempts, int stages) {
+  SADDLESCAPE_EXPECTS(est_ != nullptr, "inject_refresh_failures needs Adam with structure "
+                      "'full' or 'block'");
+  est_->inject_factor_failures(block, attempts, stages);
 }
 
 std::string adam::describe() const {
@@ -777,7 +846,7 @@ void adam::save_extra(optimizer_state& st) const {
 void adam::load_extra(const optimizer_state& st) {
   const auto& m = state_array(st, "m", m_.size());
   if (est_) {
-    est_->load(read_estimator(st, static_cast<std::size_t>(est_->estimate_size())));
+    load_estimator(*est_, st);
   } else {
     const auto& v = state_array(st, "v", v_.size());
     for (std::size_t i = 0; i < v.size(); ++i)

@@ -30,8 +30,26 @@ GIL is released; results do not depend on the thread count. One engine serialise
 several Python threads; separate engines run in parallel.
 
 Errors: a gradient of the wrong shape or dtype, or with a NaN/Inf entry, is a ValueError naming
-it; a refresh whose eigensolver fails, or a result that overflows, is a
-:class:`saddlescape.NumericalError` naming the block. In every case no block has changed.
+it; a result that overflows is a :class:`saddlescape.NumericalError` naming the block. In every
+case no block has changed.
+
+Fallback policy of a refresh, per block (a failure in one block never changes another, and the
+results stay independent of the thread count). A refactorisation fails when the eigensolver
+reports failure or returns a non-finite eigenvalue; the block then retries
+
+1. in float64 (float32 engines): the estimate promoted, eigendecomposed in double;
+2. with ``fallback_eps > 0``: in float64, of G_b + fallback_eps I, so that until its next refresh
+   the block's direction has a damping larger by (a decaying) fallback_eps;
+3. else it keeps its previous eigenbasis V (the last good factorisation) with eigenvalue
+   estimates diag(V^T G_b V), folds its gradient history into the estimate (which stays exact:
+   :meth:`BlockEngine.estimate` is unaffected) and retries at its next update.
+
+Each fallback is counted in :meth:`BlockEngine.statistics` (``failed_refreshes``,
+``float64_retries``, ``eps_retries``, ``kept_bases``, ``consecutive_failures``). Reaching step 3
+``max_consecutive_failures`` times in a row (default 3) raises :class:`saddlescape.NumericalError`
+naming the block, with nothing changed; any successful refactorisation resets the count. The
+test hook :meth:`BlockEngine._inject_refresh_failures` makes chosen solver calls of a chosen
+block fail, so that the policy can be tested.
 """
 
 from __future__ import annotations
@@ -49,7 +67,9 @@ Form = Literal["inv_sqrt", "adam"]
 
 __all__ = ["BlockEngine", "partition"]
 
-STATE_VERSION = 1
+# 2: the fallback counters in the per-block scalars; version 1 states still load (counters 0).
+STATE_VERSION = 2
+_LOADABLE_VERSIONS = (1, 2)
 
 
 def partition(dim: int, block_size: int) -> list[int]:
@@ -84,6 +104,9 @@ class BlockEngine:
         bias_correction: divide the estimate by 1 - prod_t beta_t (Adam's correction).
         warm_start: refactor from the previous eigenbasis when only a few entries need
             rotating (see above); off by default.
+        max_consecutive_failures: a block that keeps its previous basis (every retry of its
+            refactorisation failed) this many times in a row raises NumericalError; >= 1.
+        fallback_eps: > 0 enables the retry with G_b + fallback_eps I (see above); 0 skips it.
 
     Raises:
         ValueError: bad block sizes, beta, eps, form, refresh_every, tol or dtype, or buffers
@@ -102,6 +125,8 @@ class BlockEngine:
         tol: float | None = None,
         bias_correction: bool = False,
         warm_start: bool = False,
+        max_consecutive_failures: int = 3,
+        fallback_eps: float = 0.0,
     ) -> None:
         sizes = [integer("block_sizes entry", b) for b in block_sizes]
         schedule = as_schedule("beta", beta)
@@ -121,6 +146,8 @@ class BlockEngine:
             t,
             bool(bias_correction),
             bool(warm_start),
+            integer("max_consecutive_failures", max_consecutive_failures),
+            real("fallback_eps", fallback_eps),
         )
         self.beta = schedule
         self.eps = float(eps)
@@ -128,6 +155,8 @@ class BlockEngine:
         self.refresh_every = int(refresh_every)
         self.bias_correction = bool(bias_correction)
         self.warm_start = bool(warm_start)
+        self.max_consecutive_failures = int(max_consecutive_failures)
+        self.fallback_eps = float(fallback_eps)
 
     @property
     def dim(self) -> int:
@@ -205,12 +234,15 @@ class BlockEngine:
         """Per-block figures for logging, as plain numbers: ``refreshes``, ``warm_refreshes``,
         ``fallbacks`` (warm starts that fell back to syevd), ``lambda_min``/``lambda_max`` of G_b
         at its last refresh, ``condition`` ((lambda_max + eps) / (lambda_min + eps)) and
-        ``pending`` (gradients held since the refresh); totals under ``total_*``."""
+        ``pending`` (gradients held since the refresh), and the fallback policy's
+        ``failed_refreshes``, ``float64_retries``, ``eps_retries``, ``kept_bases`` and
+        ``consecutive_failures``; totals under ``total_*``."""
         s = dict(self._engine.statistics())
         s["condition"] = [
             (hi + self.eps) / (lo + self.eps) for lo, hi in zip(s["lambda_min"], s["lambda_max"])
         ]
-        for key in ("refreshes", "warm_refreshes", "fallbacks"):
+        for key in ("refreshes", "warm_refreshes", "fallbacks", "failed_refreshes",
+                    "float64_retries", "eps_retries", "kept_bases"):
             s[f"total_{key}"] = int(sum(s[key]))
         s["updates"] = self.updates
         return s
@@ -239,8 +271,9 @@ class BlockEngine:
         """
         if not isinstance(state, dict) or state.get("kind") != "BlockEngine":
             raise ValueError("the state is not a BlockEngine state_dict")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported state version {state.get('version')!r}")
+        if state.get("version") not in _LOADABLE_VERSIONS:
+            raise ValueError(f"unsupported state version {state.get('version')!r} (this "
+                             f"saddlescape loads versions {_LOADABLE_VERSIONS})")
         for key, mine in (
             ("block_sizes", self.block_sizes),
             ("refresh_every", self.refresh_every),
@@ -253,3 +286,11 @@ class BlockEngine:
         scalars = np.ascontiguousarray(state["scalars"], dtype=np.float64)
         self._engine.load(integer("updates", state["updates"]), real("beta_product",
                           state["beta_product"]), data, scalars)
+
+    def _inject_refresh_failures(self, block: int, attempts: int, stages: int = 3) -> None:
+        """Test hook for the fallback policy: the next ``attempts`` refreshes of ``block`` that
+        commit see their first ``stages`` eigensolver calls fail (1: the first; 2: also the
+        float64 retry, which float64 engines skip; 3: also the retry with fallback_eps). A call
+        that raises consumes nothing. Not saved in the state."""
+        self._engine.inject_refresh_failures(integer("block", block), integer("attempts", attempts),
+                                             integer("stages", stages))

@@ -75,8 +75,9 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -960,7 +961,8 @@ class SeedRunResult:
         f_final: (S,) F at the last iterate (NaN if it is not finite).
         x_final: (S, d) the last iterate (where a failed run stopped).
         status: (S,) str: "completed", "diverged", "numerical" or "invalid", as
-            :attr:`saddlescape.RunResult.status`.
+            :attr:`saddlescape.RunResult.status`; "interrupted" for the seeds a Ctrl-C kept
+            from being launched (on the ``result`` of the KeyboardInterrupt).
         stopped_at: (S,) int64: the step at which a run stopped, -1 if it completed.
     """
 
@@ -1010,12 +1012,20 @@ def _check_seed_optimizer(opt: Any, *, base: bool = False) -> None:
 
 
 # saddlescape::run_status in its order: the codes _cuda.run_seeds returns.
-_RUN_STATUSES = np.array(["completed", "diverged", "numerical", "invalid"])
+_RUN_STATUSES = np.array(["completed", "diverged", "numerical", "invalid", "interrupted"])
+_INTERRUPTED = 4
+
+# run_seeds launches seeds in batches so that Ctrl-C is noticed between launches: the first of
+# up to _FIRST_BATCH seeds (enough to fill an H200's SMs several times over), later ones sized
+# from the measured time to take about _LAUNCH_S seconds each.
+_FIRST_BATCH = 1 << 16
+_LAUNCH_S = 0.1
 
 
 def run_seeds(problem: Any, optimizer: Optimizer, x0: Any, steps: int,
               seeds: int | Sequence[int], escape_radius: float | None = None,
-              escape_value: float | None = None) -> SeedRunResult:
+              escape_value: float | None = None,
+              progress: bool | Callable[[int], Any] = False) -> SeedRunResult:
     """Many seeds of :func:`saddlescape.run` at once, one GPU thread each.
 
     Seed s follows ``run(problem, fresh optimizer, x0, steps, seed=s)``: the same gradient
@@ -1041,9 +1051,18 @@ def run_seeds(problem: Any, optimizer: Optimizer, x0: Any, steps: int,
         escape_radius: a seed has escaped at the first t with ``||x_t - x0||_2 >= escape_radius``
             (finite and > 0; None: not used).
         escape_value: ... or with ``F(x_t) <= escape_value`` (finite; None: not used).
+        progress: True for a tqdm bar of the seeds done, or a callable ``progress(seeds_done)``
+            called after each launch.
 
     Returns:
         A :class:`SeedRunResult`.
+
+    Interruption: seeds are launched in batches (the first of up to 65536 seeds, later ones
+    sized to take about 0.1 s), and Ctrl-C is noticed between launches: the
+    ``KeyboardInterrupt`` raised carries, as ``result``, a :class:`SeedRunResult` with every
+    launched seed's outcome and status "interrupted" (x_final = x0, stopped_at = 0) for the
+    others. A single launch is not interrupted, so a run of few seeds with many steps finishes
+    its launch first.
 
     Raises:
         ValueError: an unsupported problem, optimizer or schedule (named), a used optimizer, a
@@ -1083,12 +1102,43 @@ def run_seeds(problem: Any, optimizer: Optimizer, x0: Any, steps: int,
                                                        positive=True)
     value = math.nan if escape_value is None else _finite("escape_value", escape_value)
     _require()
-    out = _cuda.run_seeds(problem, native, x, seed_array, n_steps, radius, value, 0)
-    return SeedRunResult(
-        seeds=np.asarray(out["seeds"], dtype=np.uint64),
-        escape_step=np.asarray(out["escape_step"], dtype=np.int64),
-        f_final=np.asarray(out["f_final"], dtype=np.float64),
-        x_final=np.asarray(out["x_final"], dtype=np.float64).reshape(len(seed_array), dim),
-        status=_RUN_STATUSES[np.asarray(out["status"], dtype=np.int64)],
-        stopped_at=np.asarray(out["stopped_at"], dtype=np.int64),
-    )
+    from saddlescape.runner import _progress_bar
+
+    count = len(seed_array)
+    escape = np.full(count, -1, dtype=np.int64)
+    f_final = np.full(count, math.nan)
+    x_final = np.tile(x, (count, 1))
+    status = np.full(count, _INTERRUPTED, dtype=np.int64)
+    stopped = np.zeros(count, dtype=np.int64)
+
+    def result() -> SeedRunResult:
+        return SeedRunResult(seeds=seed_array.copy(), escape_step=escape, f_final=f_final,
+                             x_final=x_final, status=_RUN_STATUSES[status], stopped_at=stopped)
+
+    callback, bar = _progress_bar(progress, count, "run_seeds")
+    done, batch = 0, min(count, _FIRST_BATCH)
+    try:
+        while done < count:
+            part = seed_array[done : done + batch]
+            began = time.perf_counter()
+            out = _cuda.run_seeds(problem, native, x, part, n_steps, radius, value, 0)
+            took = time.perf_counter() - began
+            rows = slice(done, done + len(part))
+            escape[rows] = np.asarray(out["escape_step"], dtype=np.int64)
+            f_final[rows] = np.asarray(out["f_final"], dtype=np.float64)
+            x_final[rows] = np.asarray(out["x_final"], dtype=np.float64).reshape(len(part), dim)
+            status[rows] = np.asarray(out["status"], dtype=np.int64)
+            stopped[rows] = np.asarray(out["stopped_at"], dtype=np.int64)
+            done += len(part)
+            if callback is not None:
+                callback(done)
+            # Sized from this launch's time; never below the first batch (the GPU stays full).
+            scale = _LAUNCH_S / max(took, 1e-6)
+            batch = int(min(max(batch * scale, _FIRST_BATCH), count - done)) or 1
+    except KeyboardInterrupt as e:
+        e.result = result()  # type: ignore[attr-defined]
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return result()

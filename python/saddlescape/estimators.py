@@ -65,11 +65,17 @@ class EMAEstimator:
         refresh_every: :meth:`preconditioner` and :meth:`apply` reuse the eigendecomposition of
             the estimate until this many updates have happened since it was computed (>= 1;
             1 recomputes after every update).
+        max_consecutive_failures, fallback_eps: the fallback policy of the full and block
+            factorisations: a block whose eigendecomposition fails numerically is retried with
+            G_b + fallback_eps I (if fallback_eps > 0), else keeps its previous factorisation
+            and is refactored at the next use; the max_consecutive_failures-th kept one in a
+            row, or a failure with nothing to keep, raises NumericalError naming the block.
+            Counted in :meth:`fallback_statistics` (not part of :meth:`state_dict`).
 
     Raises:
         ValueError: dim < 1, beta outside [0, 1), block sizes that are not positive or do not
             sum to dim, block_sizes with another structure, an unknown structure or dtype,
-            refresh_every < 1.
+            refresh_every < 1, max_consecutive_failures < 1, fallback_eps < 0.
     """
 
     def __init__(
@@ -82,6 +88,8 @@ class EMAEstimator:
         bias_correction: bool = False,
         dtype: npt.DTypeLike = np.float64,
         refresh_every: int = 1,
+        max_consecutive_failures: int = 3,
+        fallback_eps: float = 0.0,
     ) -> None:
         self._dtype = float_dtype(dtype)
         self._bias_correction = bool(bias_correction)
@@ -94,7 +102,21 @@ class EMAEstimator:
             self._bias_correction,
             integer("refresh_every", refresh_every),
         )
+        self._impl.set_fallback(integer("max_consecutive_failures", max_consecutive_failures),
+                                real("fallback_eps", fallback_eps))
         self._beta_schedule = as_schedule("beta", beta)
+
+    def fallback_statistics(self) -> dict[str, list[int]]:
+        """Per block: ``failed_refreshes``, ``eps_retries``, ``kept_bases`` and
+        ``consecutive_failures`` of the fallback policy (empty lists for "diag")."""
+        return dict(self._impl.fallback_statistics())
+
+    def _inject_factor_failures(self, block: int, attempts: int, stages: int = 3) -> None:
+        """Test hook: the next ``attempts`` factorisations of ``block`` that commit see their
+        first ``stages`` solver calls fail (1 or 2: the first; 3: also the fallback_eps
+        retry)."""
+        self._impl.inject_factor_failures(integer("block", block), integer("attempts", attempts),
+                                          integer("stages", stages))
 
     @classmethod
     def _wrap(cls, impl: Any, dtype: np.dtype, bias_correction: bool, beta: Schedule) -> "EMAEstimator":

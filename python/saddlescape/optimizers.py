@@ -238,6 +238,17 @@ class RMSProp(Optimizer):
             solver is :class:`saddlescape.BlockEngine` in float64: every block exact at every
             step, its refreshes staggered across steps.
         tol: the lowrank solver's relative accuracy (quadrature), default 1e-10.
+        max_consecutive_failures, fallback_eps: the fallback policy for a failed or non-finite
+            refactorisation of a block (structure "full" is one block): retry with
+            G_b + fallback_eps I if fallback_eps > 0, else keep the block's previous
+            factorisation (the block engine of structure "block" with solver "lowrank": its
+            previous eigenbasis, see :mod:`saddlescape.blocks`) and retry at the next step;
+            raise NumericalError naming the block after max_consecutive_failures kept ones in a
+            row (or when there is no previous one). Every fallback is counted in
+            :meth:`statistics`. The estimate is float64, so there is no float64 retry. Not
+            covered: the exact tridiagonal route (structure "full", solver "eigh",
+            refresh_every=1, dim > 48) and solver "lowrank" with structure "full", whose
+            failures raise NumericalError at once.
 
     With d = 2 and structure "full" the inverse square root is computed in closed form.
     """
@@ -246,12 +257,15 @@ class RMSProp(Optimizer):
                  eps: float = 1e-8, structure: str = "full", form: str = "inv_sqrt",
                  burn_in: int = 0, refresh_every: int = 1,
                  block_sizes: Sequence[int] | None = None, solver: str = "eigh",
-                 tol: float = 1e-10) -> None:
+                 tol: float = 1e-10, max_consecutive_failures: int = 3,
+                 fallback_eps: float = 0.0) -> None:
         self._args = (
             as_schedule("lr", lr), as_schedule("beta", beta), _real("eps", eps),
             _choice("structure", structure, _STRUCTURES), _choice("form", form, ("inv_sqrt", "adam")),
             _integer("burn_in", burn_in), _integer("refresh_every", refresh_every),
-            _blocks(block_sizes), _choice("solver", solver, ("eigh", "lowrank")), _real("tol", tol))
+            _blocks(block_sizes), _choice("solver", solver, ("eigh", "lowrank")), _real("tol", tol),
+            _integer("max_consecutive_failures", max_consecutive_failures),
+            _real("fallback_eps", fallback_eps))
         self._native(dim)  # built now: its dimension is known, and bad arguments fail here
 
     def _make(self, dim: int) -> _core.Optimizer:
@@ -267,11 +281,42 @@ class RMSProp(Optimizer):
         """Updates of the estimate so far."""
         return self._native_obj.updates
 
+    def statistics(self) -> dict[str, Any]:
+        """Per-block figures of the factorised estimate, fallbacks included: the block
+        engine's (structure "block", solver "lowrank"; see
+        :meth:`saddlescape.BlockEngine.statistics`), else the estimator's fallback counters
+        ``failed_refreshes``, ``eps_retries``, ``kept_bases``, ``consecutive_failures``; totals
+        under ``total_*``.
+
+        Raises:
+            ValueError: for structure "diag" and the closed form of dim 2.
+        """
+        return _statistics(self._native_obj)
+
+    def _inject_refresh_failures(self, block: int, attempts: int, stages: int = 3) -> None:
+        """Test hook: the next ``attempts`` refactorisations of ``block`` that commit see
+        their first ``stages`` solver calls fail (as
+        :meth:`saddlescape.BlockEngine._inject_refresh_failures`)."""
+        _inject(self._native_obj, block, attempts, stages)
+
     def estimate(self) -> np.ndarray:
         """G_t: (d, d) for full, (d,) for diag, the blocks (row-major) back to back for block."""
         e = self._native_obj.estimate()
         d = self._native_obj.dim
         return e.reshape(d, d) if self._native_obj.structure == "full" else e
+
+
+def _statistics(native: Any) -> dict[str, Any]:
+    s = dict(native.statistics())
+    for key in ("refreshes", "failed_refreshes", "float64_retries", "eps_retries", "kept_bases"):
+        if key in s:
+            s[f"total_{key}"] = int(sum(s[key]))
+    return s
+
+
+def _inject(native: Any, block: int, attempts: int, stages: int) -> None:
+    native.inject_refresh_failures(_integer("block", block), _integer("attempts", attempts),
+                                   _integer("stages", stages))
 
 
 class Adam(Optimizer):
@@ -280,21 +325,35 @@ class Adam(Optimizer):
     m_t = beta1 m_(t-1) + (1 - beta1) g_t, G_t the EMA of g g^T with beta2, and
     x <- x - lr_t f(G_t / (1 - prod beta2)) m_t / (1 - beta1^t), f of ``form`` ("adam":
     (G^(1/2) + eps I)^(-1), Adam's own; "inv_sqrt": (G + eps I)^(-1/2)).
+
+    ``max_consecutive_failures`` and ``fallback_eps``: the fallback policy of the full and block
+    structures' factorisations, as :class:`RMSProp`'s; :meth:`statistics` counts the fallbacks.
     """
 
     def __init__(self, dim: int, lr: float | Schedule = 0.001, beta1: float = 0.9,
                  beta2: float | Schedule = 0.999, eps: float = 1e-8, structure: str = "diag",
                  form: str = "adam", refresh_every: int = 1,
-                 block_sizes: Sequence[int] | None = None) -> None:
+                 block_sizes: Sequence[int] | None = None, max_consecutive_failures: int = 3,
+                 fallback_eps: float = 0.0) -> None:
         self._args = (
             as_schedule("lr", lr), _real("beta1", beta1), as_schedule("beta2", beta2),
             _real("eps", eps), _choice("structure", structure, _STRUCTURES),
             _choice("form", form, ("inv_sqrt", "adam")), _integer("refresh_every", refresh_every),
-            _blocks(block_sizes))
+            _blocks(block_sizes), _integer("max_consecutive_failures", max_consecutive_failures),
+            _real("fallback_eps", fallback_eps))
         self._native(dim)  # built now: its dimension is known, and bad arguments fail here
 
     def _make(self, dim: int) -> _core.Optimizer:
         return _core.Adam(dim, *self._args)
+
+    def statistics(self) -> dict[str, Any]:
+        """Structures "full" and "block": the fallback counters per block (as
+        :meth:`RMSProp.statistics`). Raises ValueError for "diag"."""
+        return _statistics(self._native_obj)
+
+    def _inject_refresh_failures(self, block: int, attempts: int, stages: int = 3) -> None:
+        """Test hook, as :meth:`RMSProp._inject_refresh_failures`."""
+        _inject(self._native_obj, block, attempts, stages)
 
 
 class SaddleEscape(Optimizer):

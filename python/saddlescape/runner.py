@@ -13,12 +13,27 @@ A gradient or iterate that becomes non-finite stops the run at that step. With
 failure raises :class:`saddlescape.NumericalError` and its invalid-argument failure (e.g. a
 schedule leaving its range) ``ValueError``; in each case the exception's ``result`` attribute holds
 the records up to the stop. With ``on_error="return"`` the result is returned, its ``status``
-saying what happened. An exception raised by the problem itself (a Python oracle that raises,
-or returns the wrong shape) propagates unchanged, without the records.
+saying what happened.
+
+Exceptions from Python code and Ctrl-C. An exception raised by a Python oracle, a Python
+callable preconditioner or a progress callback, and a problem's wrong-shaped result
+(``ValueError``), stop the run at that step and are raised whatever ``on_error`` says, with the
+records up to the last completed step attached as ``result`` (and the step as ``step``), the
+attribute :class:`DivergenceError` uses. Ctrl-C is noticed within about 50 ms (the loop takes the
+GIL to run Python's signal handlers every ``0.05`` s, between steps; a single longer step delays
+it): the run stops at the next step boundary and the ``KeyboardInterrupt`` raised carries the
+records the same way (``run`` adds a last record at the step where it stopped; ``run_many``
+keeps every seed on the shared grid of ``record_every``). ``run_many`` then stops every seed at its next step boundary (seeds not
+yet started keep only their record at x0, status ``"interrupted"``) and joins all its threads
+before raising; the optimizers keep the state of their last completed step.
+
+Progress: ``progress=True`` shows a `tqdm <https://tqdm.github.io>`_ bar of the steps done
+(every seed's, burn-in included) on stderr; tqdm is an optional dependency
+(``pip install saddlescape[progress]`` or ``pip install tqdm``). ``progress`` may also be a
+callable ``progress(steps_done)``, called on the calling thread about every 50 ms.
 
 Threads: ``run_many`` runs seeds on ``threads`` threads; the diagonal optimizers split steps of
 long vectors (>= 2^18 entries) over ``SADDLESCAPE_NUM_THREADS`` threads (default: all cores).
-A native run cannot be interrupted with Ctrl-C; a Python oracle can raise to stop it.
 """
 
 from __future__ import annotations
@@ -61,7 +76,8 @@ class RunResult:
         lambda_min: (R,) the Hessian's smallest eigenvalue, or None if it has no Hessian.
         x: (R, d) the iterates, or None with record_x=False.
         x_final: (d,) the iterate where the run ended.
-        status: "completed", "diverged", "numerical" or "invalid".
+        status: "completed", "diverged", "numerical", "invalid", "interrupted" (Ctrl-C or a
+            progress callback that raised) or "error" (a Python oracle or callable raised).
         stopped_at: the step at which the run stopped, -1 if it completed.
         message: why it stopped ("" if it did not).
         seed: the run's seed.
@@ -131,8 +147,42 @@ def _error(status: str, message: str, result: Any, step: int) -> Exception:
     return err
 
 
+def _raise_with(err: BaseException, result: Any, step: int) -> None:
+    """Raises an exception from Python code (or Ctrl-C) with the records attached."""
+    err.result = result  # type: ignore[attr-defined]
+    err.step = step  # type: ignore[attr-defined]
+    raise err
+
+
+def _progress_bar(progress: Any, total: int, desc: str) -> tuple[Any, Any]:
+    """(callback for the native loop, bar to close) for a ``progress`` argument."""
+    if progress is None or progress is False:
+        return None, None
+    if progress is True:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as e:
+            raise ImportError("progress=True needs tqdm: pip install tqdm "
+                              "(or pip install saddlescape[progress])") from e
+        bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+        def update(done: int) -> None:
+            bar.update(int(done) - bar.n)
+
+        return update, bar
+    if callable(progress):
+        return progress, None
+    raise ValueError(f"progress must be a bool or a callable progress(steps_done), got "
+                     f"{type(progress).__name__}")
+
+
+def _burn_in(optimizer: Optimizer) -> int:
+    return int(getattr(optimizer, "burn_in_remaining", 0) or 0)
+
+
 def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
-        record_every: int = 1, record_x: bool = True, on_error: str = "raise") -> RunResult:
+        record_every: int = 1, record_x: bool = True, on_error: str = "raise",
+        progress: bool | Callable[[int], Any] = False) -> RunResult:
     """Runs ``optimizer`` on ``problem`` from x0 for ``steps`` steps, natively.
 
     Args:
@@ -144,9 +194,17 @@ def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
         record_every: record every this many steps (and always at 0 and at the end).
         record_x: keep the iterate at each record.
         on_error: "raise" or "return" (see the module docstring).
+        progress: True for a tqdm bar, or a callable ``progress(steps_done)``.
 
     Returns:
         A :class:`RunResult`.
+
+    Raises:
+        DivergenceError, NumericalError, ValueError: a stopped run with on_error="raise".
+        KeyboardInterrupt: Ctrl-C, with ``result`` holding the records so far.
+        Exception: whatever a Python oracle, callable preconditioner or progress callback
+            raised, with ``result`` holding the records so far.
+        ImportError: progress=True without tqdm installed.
     """
     if not isinstance(optimizer, Optimizer):
         raise ValueError(f"optimizer must be a saddlescape optimizer, got {type(optimizer).__name__}")
@@ -155,8 +213,21 @@ def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
     if p.dim != x.shape[0]:
         raise ValueError(f"x0 has {x.shape[0]} entries but the problem has dim {p.dim}")
     s = _seed(seed)
-    d = _core.run(p, optimizer._native(p.dim), x, n, s, every, bool(record_x))
+    native = optimizer._native(p.dim)
+    callback, bar = _progress_bar(progress, n + _burn_in(optimizer), "run")
+    try:
+        d = _core.run(p, native, x, n, s, every, bool(record_x), callback)
+        if bar is not None and d["status"] == "completed":
+            bar.update(bar.total - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    err = d.pop("error")
+    if isinstance(err, KeyboardInterrupt):
+        d["status"] = "interrupted"  # Ctrl-C met inside a Python oracle or callable
     result = RunResult(seed=s, **d)
+    if err is not None:
+        _raise_with(err, result, result.stopped_at)
     if result.status != "completed" and on_error == "raise":
         raise _error(result.status, result.message, result, result.stopped_at)
     return result
@@ -173,7 +244,8 @@ def _stack(parts: list[np.ndarray | None], rows: int, shape: tuple[int, ...]) ->
 
 def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, steps: int,
              seeds: int | Sequence[int], threads: int | None = None, record_every: int = 1,
-             record_x: bool = True, on_error: str = "raise") -> RunManyResult:
+             record_x: bool = True, on_error: str = "raise",
+             progress: bool | Callable[[int], Any] = False) -> RunManyResult:
     """Runs one seed per optimizer from ``make_optimizer()``, in parallel native threads.
 
     Args:
@@ -182,10 +254,16 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         x0, steps, record_every, record_x, on_error: as :func:`run`.
         seeds: a count n (seeds 0..n-1) or a sequence of seeds.
         threads: worker threads (default: the machine's CPU count).
+        progress: True for a tqdm bar of all seeds' steps, or a callable
+            ``progress(steps_done)``.
 
     Returns:
         A :class:`RunManyResult`; seed i's records equal ``run(..., seed=seeds[i])``'s.
         With on_error="raise", the first seed that stopped raises, with the stacked result.
+
+    Raises:
+        As :func:`run`; a KeyboardInterrupt or an exception from Python code carries the
+        stacked result (every seed's records up to where it stopped) as ``result``.
     """
     x, n, every = _check_common(None, x0, steps, record_every, on_error)
     p = as_problem(problem, x.shape[0])
@@ -219,9 +297,24 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
     if len({id(o) for o in parts}) != len(parts):
         raise ValueError("make_optimizer returned optimizers that share state (SaddleEscapes over "
                          "one base); each seed needs its own")
-    outs = _core.run_many(p, opts, x, n, seed_list, every, bool(record_x), nthreads)
+    total = sum(n + _burn_in(o) for o in made)
+    callback, bar = _progress_bar(progress, total, f"run_many ({len(seed_list)} seeds)")
+    try:
+        outs, interrupt = _core.run_many(p, opts, x, n, seed_list, every, bool(record_x),
+                                         nthreads, callback)
+        if bar is not None and all(o["status"] == "completed" for o in outs):
+            bar.update(bar.total - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
     del made
-    t = np.unique(np.r_[np.arange(0, n + 1, every), n]).astype(np.int64)
+    errors = [o.pop("error") for o in outs]
+    for e, o in zip(errors, outs):
+        if isinstance(e, KeyboardInterrupt):
+            o["status"] = "interrupted"  # Ctrl-C met inside a Python oracle or callable
+    # Every run records on the same grid (0, every, 2 every, ..., n); a stopped run's records
+    # are a prefix of it, so the longest one is the grid as far as any run got.
+    t = max((o["t"] for o in outs), key=len).astype(np.int64)
     R, dim = t.shape[0], p.dim
     result = RunManyResult(
         t=t,
@@ -235,6 +328,11 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         message=[o["message"] for o in outs],
         seeds=np.array(seed_list, dtype=np.uint64),
     )
+    if interrupt is not None:
+        _raise_with(interrupt, result, max(int(o["stopped_at"]) for o in outs))
+    for e, o in zip(errors, outs):
+        if e is not None:
+            _raise_with(e, result, int(o["stopped_at"]))
     if on_error == "raise":
         for i, o in enumerate(outs):
             if o["status"] != "completed":

@@ -66,7 +66,8 @@ void bind_engine(py::module_& m, const char* name) {
   py::class_<E>(m, name)
       .def(py::init([](std::vector<index_t> sizes, std::shared_ptr<schedule> beta, double eps,
                        const std::string& form, std::int64_t refresh_every, double tol,
-                       bool bias_correction, bool warm_start) {
+                       bool bias_correction, bool warm_start,
+                       std::int64_t max_consecutive_failures, double fallback_eps) {
              block_engine_options o;
              o.eps = eps;
              o.form = parse_root_form(form);
@@ -74,11 +75,14 @@ void bind_engine(py::module_& m, const char* name) {
              o.tol = tol;
              o.bias_correction = bias_correction;
              o.warm_start = warm_start;
+             o.max_consecutive_failures = max_consecutive_failures;
+             o.fallback_eps = fallback_eps;
              return std::make_unique<E>(std::move(sizes), std::move(beta), o);
            }),
            py::arg("block_sizes"), py::arg("beta"), py::arg("eps"), py::arg("form"),
            py::arg("refresh_every"), py::arg("tol"), py::arg("bias_correction"),
-           py::arg("warm_start"))
+           py::arg("warm_start"), py::arg("max_consecutive_failures") = 3,
+           py::arg("fallback_eps") = 0.0)
       .def_property_readonly("dim", [](const E& e) { return e.engine.dim(); })
       .def_property_readonly("block_sizes", [](const E& e) { return e.engine.block_sizes(); })
       .def_property_readonly("block_offsets", [](const E& e) { return e.engine.block_offsets(); })
@@ -127,6 +131,13 @@ void bind_engine(py::module_& m, const char* name) {
             e.engine.refresh(block, warm);
           },
           py::arg("block"), py::arg("warm"))
+      .def(
+          "inject_refresh_failures",
+          [](E& e, index_t block, std::int64_t attempts, int stages) {
+            std::lock_guard<std::mutex> lock(e.mutex);
+            e.engine.inject_refresh_failures(block, attempts, stages);
+          },
+          py::arg("block"), py::arg("attempts"), py::arg("stages"))
       .def("estimate",
            [](E& e) {
              std::vector<T> flat(static_cast<std::size_t>(e.engine.estimate_size()));
@@ -156,6 +167,11 @@ void bind_engine(py::module_& m, const char* name) {
              d["lambda_min"] = s.lambda_min;
              d["lambda_max"] = s.lambda_max;
              d["pending"] = s.pending;
+             d["failed_refreshes"] = s.failed_refreshes;
+             d["float64_retries"] = s.float64_retries;
+             d["eps_retries"] = s.eps_retries;
+             d["kept_bases"] = s.kept_bases;
+             d["consecutive_failures"] = s.consecutive_failures;
              return d;
            })
       .def("save",

@@ -112,6 +112,24 @@ void bind_ema(py::module_& m, const char* name) {
             return out;
           },
           py::arg("v"), py::arg("p"), py::arg("eps"), py::arg("form"))
+      .def(
+          "set_fallback",
+          [](est& e, std::int64_t max_consecutive_failures, double fallback_eps) {
+            e.set_fallback({max_consecutive_failures, fallback_eps});
+          },
+          py::arg("max_consecutive_failures"), py::arg("fallback_eps"))
+      .def("fallback_statistics",
+           [](const est& e) {
+             const fallback_statistics f = e.fallback_stats();
+             py::dict d;
+             d["failed_refreshes"] = f.failed_refreshes;
+             d["eps_retries"] = f.eps_retries;
+             d["kept_bases"] = f.kept_bases;
+             d["consecutive_failures"] = f.consecutive_failures;
+             return d;
+           })
+      .def("inject_factor_failures", &est::inject_factor_failures, py::arg("block"),
+           py::arg("attempts"), py::arg("stages"))
       .def("save",
            [](const est& e) {
              const auto st = e.save();

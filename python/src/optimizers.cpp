@@ -388,7 +388,8 @@ optimizer_state state_from_python(const py::dict& d) {
 
 rmsprop_options rmsprop_opts(double eps, const std::string& s, const std::string& form,
                              std::int64_t burn_in, std::int64_t refresh_every,
-                             std::vector<index_t> blocks, const std::string& solver, double tol) {
+                             std::vector<index_t> blocks, const std::string& solver, double tol,
+                             std::int64_t max_consecutive_failures, double fallback_eps) {
   rmsprop_options o;
   o.eps = eps;
   o.layout = parse_structure(s);
@@ -398,7 +399,29 @@ rmsprop_options rmsprop_opts(double eps, const std::string& s, const std::string
   o.block_sizes = std::move(blocks);
   o.solver = parse_root_solver(solver);
   o.tol = tol;
+  o.max_consecutive_failures = max_consecutive_failures;
+  o.fallback_eps = fallback_eps;
   return o;
+}
+
+// Per-block statistics as a dict; the fields a source does not keep (empty) are left out.
+py::dict statistics_dict(const block_statistics& s) {
+  py::dict d;
+  auto put = [&](const char* name, const auto& v) {
+    if (!v.empty()) d[name] = v;
+  };
+  put("refreshes", s.refreshes);
+  put("warm_refreshes", s.warm_refreshes);
+  put("fallbacks", s.fallbacks);
+  put("lambda_min", s.lambda_min);
+  put("lambda_max", s.lambda_max);
+  put("pending", s.pending);
+  put("failed_refreshes", s.failed_refreshes);
+  put("float64_retries", s.float64_retries);
+  put("eps_retries", s.eps_retries);
+  put("kept_bases", s.kept_bases);
+  put("consecutive_failures", s.consecutive_failures);
+  return d;
 }
 
 void bind_optimizers(py::module_& m) {
@@ -495,14 +518,20 @@ void bind_optimizers(py::module_& m) {
       .def(py::init([](index_t dim, schedule_ptr lr, schedule_ptr beta, double eps,
                        const std::string& s, const std::string& form, std::int64_t burn_in,
                        std::int64_t refresh_every, std::vector<index_t> blocks,
-                       const std::string& solver, double tol) {
+                       const std::string& solver, double tol,
+                       std::int64_t max_consecutive_failures, double fallback_eps) {
              return std::make_shared<rmsprop>(
                  dim, std::move(lr), std::move(beta),
-                 rmsprop_opts(eps, s, form, burn_in, refresh_every, std::move(blocks), solver, tol));
+                 rmsprop_opts(eps, s, form, burn_in, refresh_every, std::move(blocks), solver, tol,
+                              max_consecutive_failures, fallback_eps));
            }),
            py::arg("dim"), py::arg("lr"), py::arg("beta"), py::arg("eps"), py::arg("structure"),
            py::arg("form"), py::arg("burn_in"), py::arg("refresh_every"), py::arg("block_sizes"),
-           py::arg("solver"), py::arg("tol"))
+           py::arg("solver"), py::arg("tol"), py::arg("max_consecutive_failures") = 3,
+           py::arg("fallback_eps") = 0.0)
+      .def("statistics", [](const rmsprop& o) { return statistics_dict(o.statistics()); })
+      .def("inject_refresh_failures", &rmsprop::inject_refresh_failures, py::arg("block"),
+           py::arg("attempts"), py::arg("stages"))
       .def_property_readonly("updates", &rmsprop::updates)
       .def_property_readonly("structure",
                              [](const rmsprop& o) { return std::string(to_string(o.options().layout)); })
@@ -511,8 +540,11 @@ void bind_optimizers(py::module_& m) {
   py::class_<adam, optimizer, std::shared_ptr<adam>>(m, "Adam")
       .def(py::init([](index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, double eps,
                        const std::string& s, const std::string& form, std::int64_t refresh_every,
-                       std::vector<index_t> blocks) {
+                       std::vector<index_t> blocks, std::int64_t max_consecutive_failures,
+                       double fallback_eps) {
              adam_options o;
+             o.max_consecutive_failures = max_consecutive_failures;
+             o.fallback_eps = fallback_eps;
              o.eps = eps;
              o.layout = parse_structure(s);
              o.form = parse_root_form(form);
@@ -522,7 +554,11 @@ void bind_optimizers(py::module_& m) {
            }),
            py::arg("dim"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
            py::arg("structure"), py::arg("form"), py::arg("refresh_every"),
-           py::arg("block_sizes"));
+           py::arg("block_sizes"), py::arg("max_consecutive_failures") = 3,
+           py::arg("fallback_eps") = 0.0)
+      .def("statistics", [](const adam& o) { return statistics_dict(o.statistics()); })
+      .def("inject_refresh_failures", &adam::inject_refresh_failures, py::arg("block"),
+           py::arg("attempts"), py::arg("stages"));
 
   py::class_<saddle_escape, optimizer, std::shared_ptr<saddle_escape>>(m, "SaddleEscape")
       .def(py::init<optimizer_ptr, double, std::int64_t, std::int64_t>(), py::arg("base"),
@@ -572,41 +608,107 @@ run_options make_options(std::int64_t steps, std::uint64_t seed, std::int64_t re
   return o;
 }
 
+// The exception a run stopped with, as a Python exception object to raise with the records.
+py::object exception_object(const std::exception_ptr& error) {
+  auto make = [](PyObject* type, const char* what) {
+    return py::reinterpret_borrow<py::object>(type)(py::str(what));
+  };
+  try {
+    std::rethrow_exception(error);
+  } catch (py::error_already_set& e) {
+    return e.value();
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+    return py::error_already_set().value();
+  } catch (const invalid_argument& e) {
+    return make(PyExc_ValueError, e.what());
+  } catch (const numerical_error& e) {
+    return py::module_::import("saddlescape._core").attr("NumericalError")(py::str(e.what()));
+  } catch (const std::exception& e) {
+    return make(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    return make(PyExc_RuntimeError, "an unknown C++ exception stopped the run");
+  }
+}
+
+// The loop's monitor from Python: about every 50 ms it takes the GIL, runs pending signal
+// handlers (Ctrl-C raises KeyboardInterrupt there) and calls `progress(steps_done)`. Whatever
+// they raise stops the run(s) at the next step boundary and is kept here, to be raised with the
+// records once the GIL-free loop has returned.
+struct py_monitor {
+  py::object progress;  // None or a callable
+  py::object error;     // None or the exception raised
+  bool operator()(std::int64_t done) {
+    py::gil_scoped_acquire gil;
+    try {
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (!progress.is_none()) progress(done);
+    } catch (py::error_already_set& e) {
+      error = e.value();
+      return false;
+    }
+    return true;
+  }
+};
+
+run_options monitored_options(std::int64_t steps, std::uint64_t seed, std::int64_t record_every,
+                              bool record_x, py_monitor* monitor, double interval) {
+  run_options o = make_options(steps, seed, record_every, record_x);
+  o.monitor = [monitor](std::int64_t done) { return (*monitor)(done); };
+  o.monitor_interval = interval;
+  return o;
+}
+
 void bind_runner(py::module_& m) {
   m.def(
       "run",
       [](const problem& p, optimizer& opt, const py::array& x0, std::int64_t steps,
-         std::uint64_t seed, std::int64_t record_every, bool record_x) {
+         std::uint64_t seed, std::int64_t record_every, bool record_x, py::object progress,
+         double interval) {
         const auto xa = vector_in(x0, p.dim(), "x0");
+        py_monitor monitor{std::move(progress), py::none()};
+        const run_options o =
+            monitored_options(steps, seed, record_every, record_x, &monitor, interval);
         run_result r;
         {
           py::gil_scoped_release release;
-          r = run(p, opt, xa.data(), make_options(steps, seed, record_every, record_x));
+          r = run(p, opt, xa.data(), o);
         }
-        return result_to_python(p, r);
+        py::dict out = result_to_python(p, r);
+        out["error"] = r.error ? exception_object(r.error) : monitor.error;
+        return out;
       },
       py::arg("problem"), py::arg("optimizer"), py::arg("x0"), py::arg("steps"), py::arg("seed"),
-      py::arg("record_every"), py::arg("record_x"));
+      py::arg("record_every"), py::arg("record_x"), py::arg("progress") = py::none(),
+      py::arg("monitor_interval") = 0.05);
   m.def(
       "run_many",
       [](const problem& p, const std::vector<std::shared_ptr<optimizer>>& opts,
          const py::array& x0, std::int64_t steps, const std::vector<std::uint64_t>& seeds,
-         std::int64_t record_every, bool record_x, int threads) {
+         std::int64_t record_every, bool record_x, int threads, py::object progress,
+         double interval) {
         const auto xa = vector_in(x0, p.dim(), "x0");
         std::vector<optimizer*> raw;
         for (const auto& o : opts) raw.push_back(o.get());
+        py_monitor monitor{std::move(progress), py::none()};
+        const run_options o =
+            monitored_options(steps, 0, record_every, record_x, &monitor, interval);
         std::vector<run_result> rs;
         {
           py::gil_scoped_release release;
-          rs = run_many(p, raw, xa.data(), make_options(steps, 0, record_every, record_x), seeds,
-                        threads);
+          rs = run_many(p, raw, xa.data(), o, seeds, threads);
         }
         py::list out;
-        for (const auto& r : rs) out.append(result_to_python(p, r));
-        return out;
+        for (const auto& r : rs) {
+          py::dict d = result_to_python(p, r);
+          d["error"] = r.error ? exception_object(r.error) : py::object(py::none());
+          out.append(d);
+        }
+        return py::make_tuple(out, monitor.error);
       },
       py::arg("problem"), py::arg("optimizers"), py::arg("x0"), py::arg("steps"),
-      py::arg("seeds"), py::arg("record_every"), py::arg("record_x"), py::arg("threads"));
+      py::arg("seeds"), py::arg("record_every"), py::arg("record_x"), py::arg("threads"),
+      py::arg("progress") = py::none(), py::arg("monitor_interval") = 0.05);
 }
 
 }  // namespace

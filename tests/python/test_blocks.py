@@ -340,3 +340,197 @@ def test_rmsprop_block_lowrank_is_exact_and_resumes(form):
         lowrank.step(xa, g)
         resumed.step(xc, g)
     np.testing.assert_array_equal(xa, xc)
+
+
+# --------------------------------------------------------------------------------------------
+# The fallback policy of a refresh (issue 15), driven by the engine's failure-injection hook.
+
+FALLBACK_SIZES = [6, 5, 7]
+
+
+def fallback_pair(dtype, **kw):
+    """Two engines fed the same gradients; the first gets the injected failures."""
+    opts = dict(beta=0.9, eps=1e-6, refresh_every=3, dtype=dtype, **kw)
+    return ss.BlockEngine(FALLBACK_SIZES, **opts), ss.BlockEngine(FALLBACK_SIZES, **opts)
+
+
+def block_slices():
+    offsets = np.cumsum([0] + FALLBACK_SIZES)
+    return [slice(lo, hi) for lo, hi in zip(offsets[:-1], offsets[1:])]
+
+
+def test_float32_failure_is_retried_in_float64_and_touches_no_other_block():
+    rng = np.random.default_rng(21)
+    gs = gradients(rng, 30, sum(FALLBACK_SIZES), dtype=np.float32)
+    a, b = fallback_pair(np.float32)
+    for g in gs[:4]:
+        a.update_direction(g), b.update_direction(g)
+    a._inject_refresh_failures(1, attempts=3, stages=1)  # the float32 solver fails
+    for g in gs[4:]:
+        da, db = a.update_direction(g), b.update_direction(g)
+        s0, s1, s2 = block_slices()
+        np.testing.assert_array_equal(da[s0], db[s0])
+        np.testing.assert_array_equal(da[s2], db[s2])
+        # float64's basis rounded to float32 against float32's own: both within float32 rounding
+        np.testing.assert_allclose(da[s1], db[s1], rtol=2e-3, atol=1e-6)
+    st = a.statistics()
+    assert st["failed_refreshes"] == [0, 3, 0] and st["float64_retries"] == [0, 3, 0]
+    assert st["kept_bases"] == [0, 0, 0] and st["refreshes"] == b.statistics()["refreshes"]
+
+
+def test_fallback_eps_retry_is_counted_and_optional():
+    rng = np.random.default_rng(22)
+    gs = gradients(rng, 12, sum(FALLBACK_SIZES))
+    a, b = fallback_pair(np.float64, fallback_eps=1e-3)
+    for g in gs[:3]:
+        a.update(g), b.update(g)
+    a._inject_refresh_failures(2, attempts=1, stages=2)  # first solver (and float64) fail
+    for g in gs[3:]:
+        da, db = a.update_direction(g), b.update_direction(g)
+        assert np.isfinite(da).all()
+        for s in block_slices()[:2]:
+            np.testing.assert_array_equal(da[s], db[s])
+    st = a.statistics()
+    assert st["eps_retries"] == [0, 0, 1] and st["failed_refreshes"] == [0, 0, 1]
+    assert st["kept_bases"] == [0, 0, 0]
+    # The estimate itself never sees the fallback (beyond rounding: the changed eigenvalues may
+    # move the block's next refresh, which folds its history into the estimate).
+    for ea, eb in zip(a.estimate(), b.estimate()):
+        np.testing.assert_allclose(ea, eb, rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kept_basis_then_recovery(dtype):
+    rng = np.random.default_rng(23)
+    gs = gradients(rng, 20, sum(FALLBACK_SIZES), dtype=dtype)
+    a, b = fallback_pair(dtype)
+    for g in gs[:3]:
+        a.update(g), b.update(g)
+    a._inject_refresh_failures(0, attempts=2, stages=3)  # every retry fails, twice
+    kept = []
+    for g in gs[3:]:
+        da, db = a.update_direction(g), b.update_direction(g)
+        assert np.isfinite(da).all()
+        for s in block_slices()[1:]:
+            np.testing.assert_array_equal(da[s], db[s])
+        kept.append(a.statistics()["consecutive_failures"][0])
+    # It retried at the next update after each failure, then recovered and reset the count.
+    first = kept.index(1)
+    assert kept[first : first + 3] == [1, 2, 0] and set(kept[:first]) <= {0}
+    st = a.statistics()
+    assert st["kept_bases"] == [2, 0, 0] and st["failed_refreshes"] == [2, 0, 0]
+    # The estimate stays exact through the fallbacks (it only folds the history earlier).
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for ea, eb in zip(a.estimate(), b.estimate()):
+        np.testing.assert_allclose(ea, eb, rtol=rtol, atol=rtol * np.abs(eb).max())
+    # Once the block has refactored, its directions are exact again.
+    exact = reference(FALLBACK_SIZES, gs, 0.9, 1e-6, "inv_sqrt")[0][-1]
+    assert block_errors(FALLBACK_SIZES, da, exact) < (1e-3 if dtype == np.float32 else 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_too_many_consecutive_failures_raise_naming_the_block_and_change_nothing(dtype):
+    rng = np.random.default_rng(24)
+    gs = gradients(rng, 12, sum(FALLBACK_SIZES), dtype=dtype)
+    eng = ss.BlockEngine(FALLBACK_SIZES, beta=0.9, refresh_every=3, dtype=dtype,
+                         max_consecutive_failures=2)
+    for g in gs[:3]:
+        eng.update(g)
+    eng._inject_refresh_failures(1, attempts=100, stages=3)
+    raised_at = None
+    for i, g in enumerate(gs[3:]):
+        before = eng.state_dict()
+        try:
+            eng.update_direction(g)
+        except ss.NumericalError as e:
+            assert "block 1" in str(e) and "2 times in a row" in str(e)
+            after = eng.state_dict()
+            np.testing.assert_array_equal(after["data"], before["data"])
+            np.testing.assert_array_equal(after["scalars"], before["scalars"])
+            assert after["updates"] == before["updates"]
+            raised_at = i
+            break
+    assert raised_at is not None
+    assert eng.statistics()["consecutive_failures"] == [0, 1, 0]
+    # It keeps raising (the state is unchanged) until the solver works again.
+    with pytest.raises(ss.NumericalError, match="block 1"):
+        eng.update(gs[-1])
+    eng._inject_refresh_failures(1, attempts=0, stages=0)
+    eng.update(gs[-1])
+    assert eng.statistics()["consecutive_failures"] == [0, 0, 0]
+
+
+def test_fallback_counters_are_saved_and_old_states_load():
+    rng = np.random.default_rng(25)
+    gs = gradients(rng, 14, sum(FALLBACK_SIZES), dtype=np.float32)
+    a, _ = fallback_pair(np.float32)
+    for g in gs[:4]:
+        a.update(g)
+    a._inject_refresh_failures(1, attempts=2, stages=1)
+    for g in gs[4:9]:
+        a.update(g)
+    st = a.state_dict()
+    assert st["version"] == 2
+    b, c = fallback_pair(np.float32)
+    b.load_state_dict(st)
+    assert b.statistics() == a.statistics() and a.statistics()["float64_retries"][1] == 2
+    xa = np.zeros(sum(FALLBACK_SIZES), np.float32)
+    xb = xa.copy()
+    for g in gs[9:]:
+        a.step(xa, g, 0.01), b.step(xb, g, 0.01)
+    np.testing.assert_array_equal(xa, xb)
+    # A version 1 state (5 counters per block) loads, with the fallback counters at 0.
+    old = c.state_dict()
+    for g in gs[:5]:
+        c.update(g)
+    new = c.state_dict()
+    scalars, at = [], 0
+    R = 3
+    for n in FALLBACK_SIZES:
+        width = 1 + R + n
+        scalars += list(new["scalars"][at : at + width + 5])
+        at += width + 10
+    v1 = dict(new, version=1, scalars=np.array(scalars))
+    d = ss.BlockEngine(FALLBACK_SIZES, beta=0.9, eps=1e-6, refresh_every=3, dtype=np.float32)
+    d.load_state_dict(v1)
+    np.testing.assert_array_equal(d.state_dict()["scalars"], new["scalars"])
+    with pytest.raises(ValueError, match="unsupported state version 3"):
+        d.load_state_dict(dict(new, version=3))
+    assert old["version"] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_consecutive_failures=0), "max_consecutive_failures must be >= 1, got 0"),
+    (dict(fallback_eps=-1.0), "fallback_eps must be finite and >= 0, got -1"),
+    (dict(fallback_eps=float("nan")), "fallback_eps must be finite and >= 0, got nan"),
+])
+def test_bad_fallback_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ss.BlockEngine([2, 3], **kwargs)
+
+
+def test_fallback_results_do_not_depend_on_thread_count():
+    script = textwrap.dedent(
+        """
+        import numpy as np, saddlescape as ss
+        rng = np.random.default_rng(26)
+        sizes = [48] * 10 + [7]
+        eng = ss.BlockEngine(sizes, beta=0.95, eps=1e-6, refresh_every=2, dtype=np.float32,
+                             fallback_eps=1e-4)
+        eng._inject_refresh_failures(3, attempts=2, stages=1)
+        eng._inject_refresh_failures(5, attempts=1, stages=2)
+        eng._inject_refresh_failures(7, attempts=2, stages=3)
+        x = np.zeros(sum(sizes), np.float32)
+        for _ in range(10):
+            eng.step(x, rng.standard_normal(sum(sizes)).astype(np.float32), 0.01)
+        s = eng.statistics()
+        print(x.tobytes().hex(), s["float64_retries"], s["eps_retries"], s["kept_bases"])
+        """
+    )
+    outs = []
+    for threads in ("1", "3"):
+        env = dict(os.environ, SADDLESCAPE_NUM_THREADS=threads)
+        outs.append(subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                                   capture_output=True, text=True, timeout=120).stdout)
+    assert outs[0] == outs[1]
+    assert "[0, 0, 0, 2," in outs[0]

@@ -1144,3 +1144,35 @@ def test_burn_in_rejects_a_bad_sample():
     with pytest.raises(ValueError, match=re.escape("g[1] = nan")):
         ss.burn_in(est, oracle, np.zeros(3), 5)
     assert est.steps == 2  # the samples before the bad one were applied
+
+
+def test_fallback_policy_of_the_factorisations():
+    # Injected eigensolver failures (the test hook): the previous factorisation is kept, a
+    # retry with fallback_eps is counted, and the limit raises naming the block.
+    rng = np.random.default_rng(77)
+    est = ss.EMAEstimator(5, structure="block", block_sizes=[2, 3], beta=0.9,
+                          max_consecutive_failures=2, fallback_eps=1e-2)
+    ref = ss.EMAEstimator(5, structure="block", block_sizes=[2, 3], beta=0.9)
+    g = rng.standard_normal(5)
+    est.update(g), ref.update(g)
+    first = est.preconditioner(eps=1e-3)
+    est._inject_factor_failures(1, attempts=1, stages=3)  # every retry fails: kept
+    g = rng.standard_normal(5)
+    est.update(g), ref.update(g)
+    kept, now = est.preconditioner(eps=1e-3), ref.preconditioner(eps=1e-3)
+    np.testing.assert_array_equal(kept[1], first[1])
+    np.testing.assert_array_equal(kept[0], now[0])
+    assert est.fallback_statistics()["kept_bases"] == [0, 1]
+    est._inject_factor_failures(0, attempts=1, stages=2)  # the fallback_eps retry works
+    est.update(g)
+    est.preconditioner(eps=1e-3)
+    st = est.fallback_statistics()
+    assert st["eps_retries"] == [1, 0] and st["consecutive_failures"] == [0, 0]
+    est._inject_factor_failures(1, attempts=9, stages=3)
+    est.update(g)
+    est.preconditioner(eps=1e-3)  # kept (1 in a row)
+    est.update(g)
+    with pytest.raises(ss.NumericalError, match="block 1 of the estimate failed 2 times in a row"):
+        est.preconditioner(eps=1e-3)
+    with pytest.raises(ValueError, match="max_consecutive_failures must be >= 1, got 0"):
+        ss.EMAEstimator(3, max_consecutive_failures=0)

@@ -153,3 +153,22 @@ def test_all_quick_writes_every_experiment(tmp_path):
         assert (folder / f"{name}.csv").stat().st_size > 0
         assert read_summary(folder)
         assert f"== {name}" in r.stdout
+
+
+def test_progress_uses_tqdm_and_falls_back_to_a_plain_bar(capsys, monkeypatch):
+    from saddlescape.experiments.common import Progress
+
+    pytest.importorskip("tqdm")
+    bar = Progress("demo", 3)
+    for _ in range(3):
+        bar.advance()
+    bar.close()
+    err = capsys.readouterr().err
+    assert bar._bar is not None and "demo" in err and "3/3" in err
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    bar = Progress("demo", 2)
+    bar.advance(2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert bar._bar is None and "[" + "#" * 30 + "] 2/2" in err

@@ -1172,6 +1172,8 @@ def _garbled(state: dict) -> list[tuple[str, dict, str]]:
             c = copy()
             c["arrays"][name][0] = np.inf
             out.append((f"{name} inf", c, "must be finite"))
+        if name.endswith("estimate.fallback_counters"):
+            continue  # optional: states from before the counters load with zeros
         c = copy()
         del c["arrays"][name]
         out.append((f"{name} missing", c, "has no array"))
@@ -1472,3 +1474,121 @@ def test_bad_g_is_rejected_and_changes_nothing(helpers, kind, g, message):
         with pytest.raises(ValueError, match=re.escape(message)):
             opt.step(x, g)
     assert_same_state(before, opt.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# The block engine's fallback policy through RMSProp(structure="block", solver="lowrank").
+
+
+def _block_rmsprop(**kw):
+    return ss.RMSProp(9, 1e-2, beta=0.9, eps=1e-6, structure="block", block_sizes=[4, 5],
+                      solver="lowrank", refresh_every=2, **kw)
+
+
+def test_rmsprop_block_fallbacks_are_counted_and_the_run_goes_on():
+    P = ss.problems.NoisyQuadratic(np.eye(9), np.full(9, 0.3))
+    opt = _block_rmsprop()
+    opt._inject_refresh_failures(1, attempts=2, stages=3)
+    r = ss.run(P, opt, np.ones(9), 40, seed=2)
+    st = opt.statistics()
+    assert r.status == "completed" and np.isfinite(r.x_final).all()
+    assert st["kept_bases"] == [0, 2] and st["consecutive_failures"] == [0, 0]
+    assert st["total_failed_refreshes"] == 2
+    # The counters travel with the state, and the continuation is bit for bit.
+    again = _block_rmsprop()
+    again.load_state_dict(opt.state_dict())
+    assert again.statistics() == st
+    x1, x2 = np.ones(9), np.ones(9)
+    g = np.linspace(-1, 1, 9)
+    opt.step(x1, g), again.step(x2, g)
+    np.testing.assert_array_equal(x1, x2)
+
+
+def test_rmsprop_block_raises_naming_the_block_with_the_records():
+    P = ss.problems.NoisyQuadratic(np.eye(9), np.full(9, 0.3))
+    opt = _block_rmsprop(max_consecutive_failures=2)
+    opt._inject_refresh_failures(0, attempts=100, stages=3)
+    with pytest.raises(ss.NumericalError, match="block 0") as info:
+        ss.run(P, opt, np.ones(9), 100, seed=2)
+    r = info.value.result
+    assert r.status == "numerical" and r.t[-1] == r.stopped_at > 0
+    assert opt.statistics()["consecutive_failures"] == [1, 0]
+
+
+def test_rmsprop_fallback_options_are_checked():
+    with pytest.raises(ValueError, match="max_consecutive_failures must be >= 1, got 0"):
+        ss.RMSProp(3, 0.1, max_consecutive_failures=0)
+    with pytest.raises(ValueError, match="fallback_eps must be finite and >= 0, got -1"):
+        ss.RMSProp(3, 0.1, fallback_eps=-1.0)
+    with pytest.raises(ValueError, match="statistics are kept by RMSProp with a factorised"):
+        ss.RMSProp(2, 0.1).statistics()  # the closed 2 x 2 form
+    with pytest.raises(ValueError, match="max_consecutive_failures must be >= 1, got 0"):
+        ss.Adam(3, max_consecutive_failures=0)
+
+
+# The estimator's fallback policy (RMSProp/Adam, structures "full" and "block" with eigh).
+
+
+def _noisy_bowl(d):
+    # g_i = x_i + noise_i: each coordinate's path depends on its own block only.
+    return ss.problems.NoisyQuadratic(np.eye(d), np.full(d, 0.3))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ss.RMSProp(7, 1e-2, beta=0.9, eps=1e-3, structure="block", block_sizes=[3, 4]),
+    lambda: ss.Adam(7, 1e-2, eps=1e-3, structure="block", block_sizes=[3, 4]),
+], ids=["rmsprop", "adam"])
+def test_estimator_fallback_keeps_the_factorisation_and_touches_no_other_block(make):
+    P = _noisy_bowl(7)
+    a, b = make(), make()
+    ss.run(P, a, np.ones(7), 4, seed=1), ss.run(P, b, np.ones(7), 4, seed=1)
+    a._inject_refresh_failures(0, attempts=2, stages=3)
+    ra = ss.run(P, a, np.ones(7), 30, seed=2)
+    rb = ss.run(P, b, np.ones(7), 30, seed=2)
+    np.testing.assert_array_equal(ra.x[:, 3:], rb.x[:, 3:])   # block 1 never sees it
+    assert not np.array_equal(ra.x[:, :3], rb.x[:, :3])        # block 0 used the kept one
+    st = a.statistics()
+    assert st["kept_bases"] == [2, 0] and st["failed_refreshes"] == [2, 0]
+    assert st["consecutive_failures"] == [0, 0]
+    c = make()
+    c.load_state_dict(a.state_dict())
+    assert c.statistics() == st
+
+
+def test_estimator_fallback_eps_and_the_limit():
+    P = _noisy_bowl(5)
+    opt = ss.RMSProp(5, 1e-2, beta=0.9, eps=1e-3, structure="full", fallback_eps=1e-2,
+                     max_consecutive_failures=2)
+    ss.run(P, opt, np.ones(5), 3)
+    opt._inject_refresh_failures(0, attempts=1, stages=2)  # the eps retry succeeds
+    ss.run(P, opt, np.ones(5), 3)
+    assert opt.statistics()["eps_retries"] == [1]
+    opt._inject_refresh_failures(0, attempts=100, stages=3)
+    x = np.ones(5)
+    g = np.linspace(-1.0, 1.0, 5)
+    opt.step(x, g)  # kept once
+    before, x_before = opt.state_dict(), x.copy()
+    with pytest.raises(ss.NumericalError, match=r"the estimate failed 2 times in a row"):
+        opt.step(x, g)
+    np.testing.assert_array_equal(x, x_before)
+    assert opt.statistics()["consecutive_failures"] == [1]
+    # The counters are saved: the state before the failing step holds the kept one.
+    assert list(before["arrays"]["estimate.fallback_counters"]) == [2.0, 1.0, 1.0, 1.0]
+
+
+def test_estimator_without_a_previous_factorisation_raises_and_old_states_load():
+    opt = ss.RMSProp(4, 1e-2, structure="full")
+    opt._inject_refresh_failures(0, attempts=1, stages=3)
+    with pytest.raises(ss.NumericalError, match="no previous one to keep"):
+        opt.step(np.ones(4), np.ones(4))
+    st = opt.state_dict()
+    del st["arrays"]["estimate.fallback_counters"]  # a state from before the counters
+    other = ss.RMSProp(4, 1e-2, structure="full")
+    other.load_state_dict(st)
+    assert other.statistics()["kept_bases"] == [0]
+    bad = opt.state_dict()
+    bad["arrays"]["estimate.fallback_counters"] = np.array([1.0, 0.0, -1.0, 0.0])
+    with pytest.raises(ValueError, match="fallback counters must be integers >= 0, got -1"):
+        other.load_state_dict(bad)
+    with pytest.raises(ValueError, match="statistics are kept by RMSProp with a factorised"):
+        ss.RMSProp(4, 1e-2, structure="diag").statistics()

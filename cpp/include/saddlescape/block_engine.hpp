@@ -35,6 +35,21 @@
 /// invalid_argument naming the entry, a beta outside [0, 1) an invalid_argument), computes all
 /// blocks into scratch buffers, and commits only when every block succeeded: a block whose
 /// factorisation fails (numerical_error naming the block) leaves every block as it was.
+///
+/// Fallback policy of a refresh (per block; a failure in one block never changes another). A
+/// refactorisation fails when the eigensolver reports failure (LAPACK info != 0) or returns a
+/// non-finite eigenvalue. The block then retries, in this order:
+///  1. in float64 (float32 engines only): the float32 estimate promoted, eigendecomposed in
+///     double, the basis rounded back to float32;
+///  2. if fallback_eps > 0: in float64, of G_b + fallback_eps I: until its next refresh the
+///     block's direction is that of a damping larger by (a decaying) fallback_eps;
+///  3. else it keeps its previous eigenbasis V (the last good factorisation), with eigenvalue
+///     estimates diag(V^T G_b V) so that their scale stays current, folds its history into the
+///     estimate (which stays exact), and retries the refactorisation at its next update.
+/// Every fallback is counted in statistics(). An attempt that reaches step 3 is a failure;
+/// the max_consecutive_failures-th failure in a row of a block throws numerical_error naming
+/// the block, and, as for every error, nothing is changed. Any successful refactorisation
+/// resets the count.
 
 #include <saddlescape/errors.hpp>
 #include <saddlescape/matrix_functions.hpp>
@@ -62,6 +77,11 @@ struct block_engine_options {
   /// (and when the sweeps stall) syevd. Pays only when G barely moved since the last refresh;
   /// off by default (see bench/RESULTS.md).
   bool warm_start = false;
+  /// A block's refresh that keeps its previous basis this many times in a row (see the
+  /// fallback policy above) throws numerical_error instead; >= 1.
+  std::int64_t max_consecutive_failures = 3;
+  /// >= 0 and finite; > 0 enables the retry of a failed refactorisation with G + fallback_eps I.
+  double fallback_eps = 0.0;
 };
 
 /// Per-block figures for logging (plain numbers).
@@ -71,6 +91,12 @@ struct block_statistics {
   std::vector<std::int64_t> fallbacks;       ///< warm starts that fell back to syevd
   std::vector<double> lambda_min, lambda_max;  ///< of G_b at its last refresh (0 before any)
   std::vector<std::int64_t> pending;           ///< gradients held since the last refresh
+  // The fallback policy's counters (see the file comment).
+  std::vector<std::int64_t> failed_refreshes;      ///< refreshes whose first eigensolver failed
+  std::vector<std::int64_t> float64_retries;       ///< of which the float64 retry succeeded
+  std::vector<std::int64_t> eps_retries;           ///< ... the retry with fallback_eps succeeded
+  std::vector<std::int64_t> kept_bases;            ///< ... every retry failed: basis kept
+  std::vector<std::int64_t> consecutive_failures;  ///< kept bases in a row, now
 };
 
 template <class T>
@@ -116,6 +142,12 @@ class block_engine {
   /// else as the options say. Does not change the estimate, only its representation.
   void refresh(index_t block = -1, bool warm = true);
 
+  /// Test hook for the fallback policy: the next `attempts` refreshes of `block` that commit
+  /// see their first `stages` eigensolver calls fail (0: none; 1: the first; 2: also the
+  /// float64 retry, which float64 engines do not have; 3: also the retry with fallback_eps).
+  /// A call that throws consumes nothing. Not part of the saved state.
+  void inject_refresh_failures(index_t block, std::int64_t attempts, int stages);
+
   /// The estimates G_b (bias-corrected if requested), back to back, each B_b x B_b row-major.
   void estimate(T* out) const;
   index_t estimate_size() const noexcept;
@@ -130,8 +162,10 @@ class block_engine {
     /// triangle meaningful), V (B^2, column-major), lambda (B), history h and its rotation
     /// u = V^T h (refresh_every * B each, the first k rows meaningful).
     std::vector<T> data;
-    /// Per block: gamma, then the refresh_every weights w_i; then since, k, refreshes,
-    /// warm_refreshes, fallbacks as numbers.
+    /// Per block: gamma, then the refresh_every weights w_i, the B eigenvalues; then since, k,
+    /// refreshes, warm_refreshes, fallbacks, failed_refreshes, float64_retries, eps_retries,
+    /// kept_bases, consecutive_failures as numbers. load() also takes the layout before the
+    /// fallback counters (5 counters per block), which it reads with those counters at 0.
     std::vector<double> scalars;
   };
   state save() const;

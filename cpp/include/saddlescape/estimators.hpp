@@ -17,6 +17,15 @@
 /// decays, and is kept in two buffers:
 /// an update reads one and writes the other in a single fused pass, so a gradient found
 /// non-finite midway leaves the current estimate untouched.
+///
+/// Fallback policy of the full and block factorisations (preconditioner(), apply()), per block:
+/// a factorisation that fails numerically (the eigensolver does not converge, or its eigenvalues
+/// are not finite) is retried, if fallback_eps > 0, with G_b + fallback_eps I (a damping larger
+/// by fallback_eps until the next refresh); else the block keeps its previous factorisation and
+/// all blocks are refactored at the next use. Each fallback is counted (fallback_statistics());
+/// the max_consecutive_failures-th kept factorisation in a row of a block, or a failure with no
+/// previous factorisation to keep, throws numerical_error naming the block, the cache unchanged.
+/// Blocks are factored aside and committed together, so no block changes when one throws.
 
 #include <saddlescape/detail/huge_page_allocator.hpp>
 #include <saddlescape/errors.hpp>
@@ -42,6 +51,18 @@ structure parse_structure(std::string_view name);
 std::string_view to_string(structure s);
 
 /// Exponential moving average of g g^T. Not thread-safe; one object per thread.
+/// Options and per-block counters of the fallback policy (file comment).
+struct fallback_options {
+  std::int64_t max_consecutive_failures = 3;  ///< >= 1.
+  double fallback_eps = 0.0;                  ///< >= 0; 0 skips the retry with a larger eps.
+};
+struct fallback_statistics {
+  std::vector<std::int64_t> failed_refreshes;      ///< factorisations that failed first time
+  std::vector<std::int64_t> eps_retries;           ///< of which the fallback_eps retry worked
+  std::vector<std::int64_t> kept_bases;            ///< of which the previous one was kept
+  std::vector<std::int64_t> consecutive_failures;  ///< kept in a row, now
+};
+
 template <class T>
 class ema_estimator {
  public:
@@ -109,6 +130,20 @@ class ema_estimator {
     std::int64_t factored_at = -1;
   };
   state save() const;
+
+  /// The fallback policy (file comment). @throws invalid_argument for bad options.
+  void set_fallback(const fallback_options& o);
+  const fallback_options& fallback() const noexcept { return fallback_; }
+  fallback_statistics fallback_stats() const;
+  /// The counters as saved: per block failed, eps_retries, kept, consecutive.
+  std::vector<double> fallback_counters() const;
+  /// @throws invalid_argument for a wrong size or entries that are not counts (nothing changes).
+  void load_fallback_counters(const std::vector<double>& c);
+  /// Test hook: the next `attempts` factorisations of `block` that commit see their first
+  /// `stages` solver calls fail (1: the first; 2: the same, the estimators having no float64
+  /// retry; 3: also the retry with fallback_eps). Not saved.
+  void inject_factor_failures(index_t block, std::int64_t attempts, int stages);
+
   /// Restores a state from save() of an estimator of the same dim, structure and blocks.
   /// @throws invalid_argument (naming the field) for a state that does not fit or is not
   ///   finite; the estimator is then unchanged.
@@ -143,12 +178,13 @@ class ema_estimator {
   // Factorisations of the estimate. A copy of the estimator starts with an empty cache, so
   // copies are cheap and independent.
   struct factor_cache {
-    std::vector<std::unique_ptr<eigen_root<T>>> roots;
+    std::vector<std::unique_ptr<eigen_root<T>>> roots, spares;
     std::int64_t factored_at = -1;
     factor_cache() = default;
     factor_cache(const factor_cache&) {}
     factor_cache& operator=(const factor_cache&) {
       roots.clear();
+      spares.clear();
       factored_at = -1;
       return *this;
     }
@@ -159,6 +195,10 @@ class ema_estimator {
   std::int64_t resume_from_ = -1;  // after load(): the saved factored_at, to keep its schedule
   std::vector<T> dense_;  // a symmetric copy of one block for factor()
   std::vector<T> diag_;   // the corrected diagonal
+  fallback_options fallback_;
+  std::vector<std::int64_t> fb_failed_, fb_eps_, fb_kept_, fb_consecutive_;  // per block
+  std::vector<std::int64_t> inject_attempts_;
+  std::vector<int> inject_stages_;
 };
 
 /// The covariance variant (Sec. 5.3): an EMA of (g1 - g2)(g1 - g2)^T / 2 for two independent

@@ -20,9 +20,10 @@
 /// Errors. step() checks g first: a NaN/Inf entry is an invalid_argument naming it, and x and
 /// the optimizer's state are then exactly as before the call. So is a g too large for the
 /// estimate (a numerical_error: max|g|^2 or the estimate's eigenvalues would overflow, or the
-/// step could). The one failure that comes after the estimate has changed is an eigensolver
-/// that does not converge (LAPACK's info > 0, not seen in practice): x is then unchanged but the
-/// estimate holds g. Optimizers work in float64 and are not thread-safe (one per thread).
+/// step could). An eigensolver that fails (LAPACK's info > 0, not seen in practice) goes through
+/// the fallback policy of the estimator or block engine (see
+/// rmsprop_options::max_consecutive_failures); when that gives up, x is unchanged but the
+/// estimate holds g (the block engine: nothing changed). Optimizers work in float64 and are not thread-safe (one per thread).
 
 #include <saddlescape/block_engine.hpp>
 #include <saddlescape/errors.hpp>
@@ -190,6 +191,12 @@ struct rmsprop_options {
   /// eigenbasis: O(d^2 + d k^2 n_nodes) per step instead of an O(d^3) eigendecomposition.
   root_solver solver = root_solver::eigh;
   double tol = 1e-10;                      ///< lowrank: the quadrature's relative accuracy.
+  /// The fallback policy for failed refactorisations: the block engine's (structure block,
+  /// solver lowrank; block_engine.hpp) or the estimator's (the factorisations of full and block
+  /// with solver eigh; estimators.hpp). The tridiagonal route (full, eigh, refresh_every = 1,
+  /// d > 48) and the full lowrank solver have none: their failures raise at once.
+  std::int64_t max_consecutive_failures = 3;
+  double fallback_eps = 0.0;
 };
 
 /// Algorithms 2 and 3. See the file comment for the exact rule.
@@ -215,6 +222,13 @@ class rmsprop final : public optimizer {
   std::int64_t updates() const noexcept;
   /// The estimate G_t in the layout of ema_estimator::estimate() (d x d, d, or blocks).
   std::vector<double> estimate() const;
+  /// Per-block statistics: the block engine's (structure block, solver lowrank), or the
+  /// estimator's fallback counters (full, block with solver eigh; the other fields empty).
+  /// @throws invalid_argument for structure diag and the closed 2 x 2 form.
+  block_statistics statistics() const;
+  /// The test hook of the block engine or the estimator (inject_refresh_failures /
+  /// inject_factor_failures).
+  void inject_refresh_failures(index_t block, std::int64_t attempts, int stages);
 
  protected:
   void move(double* x, const double* g, double lr, sampler* source) override;
@@ -249,6 +263,9 @@ struct adam_options {
   root_form form = root_form::adam;
   std::int64_t refresh_every = 1;
   std::vector<index_t> block_sizes;
+  /// full and block: the estimator's fallback policy for failed factorisations (estimators.hpp).
+  std::int64_t max_consecutive_failures = 3;
+  double fallback_eps = 0.0;
 };
 
 class adam final : public optimizer {
@@ -259,6 +276,9 @@ class adam final : public optimizer {
   double lr(std::int64_t t) const override { return (*lr_)(t); }
   std::string describe() const override;
   std::string kind() const override { return "Adam"; }
+  /// full, block: the estimator's fallback counters. @throws invalid_argument for diag.
+  block_statistics statistics() const;
+  void inject_refresh_failures(index_t block, std::int64_t attempts, int stages);
 
  protected:
   void move(double* x, const double* g, double lr, sampler* source) override;

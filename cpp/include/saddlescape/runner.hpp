@@ -12,11 +12,23 @@
 /// A gradient or iterate that is not finite stops the run: the result says `diverged`, the
 /// step, and keeps every record taken before. An error raised inside the optimizer
 /// (numerical_error, invalid_argument) also stops it, with status `numerical` or `invalid`.
+/// Any other exception, from the problem's sampler or a user callable inside the optimizer,
+/// stops the run with status `error`: the result keeps the records and the exception
+/// (run_result::error), and the caller decides whether to rethrow it.
+///
+/// Interruption and progress. With run_options::monitor set, the calling thread calls it about
+/// every monitor_interval seconds (between steps, so a single step longer than that delays it)
+/// with the number of steps done so far (all seeds of run_many together); returning false stops
+/// every run at its next step boundary with status `interrupted`, the records up to the last
+/// completed step kept. run_many then waits on its worker threads without stepping itself, so
+/// that the monitor keeps its rhythm; every worker is joined before it returns.
 
 #include <saddlescape/optimizers.hpp>
 #include <saddlescape/problems.hpp>
 
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -27,6 +39,11 @@ struct run_options {
   std::uint64_t seed = 0;
   std::int64_t record_every = 1;  ///< >= 1.
   bool record_x = true;           ///< keep the iterate at each record (dim values each).
+  /// Called on the calling thread with the steps done so far; false stops the run(s) (status
+  /// interrupted). If it throws, run() stops with status error holding that exception, and
+  /// run_many() stops every seed (interrupted) and rethrows it once its threads have joined.
+  std::function<bool(std::int64_t steps_done)> monitor;
+  double monitor_interval = 0.05;  ///< seconds between monitor calls, > 0.
 };
 
 enum class run_status {
@@ -34,6 +51,8 @@ enum class run_status {
   diverged,   ///< a gradient or iterate became non-finite.
   numerical,  ///< the optimizer raised numerical_error.
   invalid,    ///< the optimizer raised invalid_argument (e.g. a schedule left its range).
+  interrupted,  ///< the monitor asked to stop.
+  error,      ///< another exception (a user callable's, a sampler's): see run_result::error.
 };
 std::string_view to_string(run_status s);
 
@@ -48,6 +67,7 @@ struct run_result {
   run_status status = run_status::completed;
   std::int64_t stopped_at = -1;    ///< the step t whose gradient, iterate or update failed.
   std::string message;             ///< why it stopped, when it did.
+  std::exception_ptr error;        ///< status error: the exception that stopped the run.
 };
 
 /// One run. opt is advanced in place (its state after the run is the run's final state).
@@ -55,8 +75,9 @@ struct run_result {
 run_result run(const problem& p, optimizer& opt, const double* x0, const run_options& options);
 
 /// Runs seed seeds[i] with optimizer *opts[i] (one object per seed) on up to `threads`
-/// threads (0: one per hardware thread). Each result equals run() with that seed. An exception
-/// that is not a stopped run (e.g. from a user callable) is rethrown after all threads finish.
+/// threads (0: one per hardware thread). Each result equals run() with that seed; an exception
+/// inside a run is that run's status error (the other seeds go on). Seeds not started when the
+/// monitor stops them are interrupted at step 0 with only the record at x0.
 std::vector<run_result> run_many(const problem& p, const std::vector<optimizer*>& opts,
                                  const double* x0, const run_options& options,
                                  const std::vector<std::uint64_t>& seeds, int threads = 0);

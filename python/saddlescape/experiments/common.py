@@ -1,4 +1,5 @@
-"""What every experiment shares: its output files, a progress bar, and seed-band plots.
+"""What every experiment shares: its output files, a progress bar (tqdm, or a plain one), and
+seed-band plots.
 
 An experiment writes into its own folder ``OUT/NAME/``: ``NAME.png`` (the figure), ``NAME.csv``
 (the plotted data, one row per point, with a header) and ``summary.txt`` (the numbers that
@@ -97,25 +98,39 @@ def _fmt(v: Any) -> str:
 
 
 class Progress:
-    """A one-line progress bar on stderr (silent when ``enabled`` is false)."""
+    """A progress bar on stderr (silent when ``enabled`` is false): tqdm's when tqdm is installed
+    (it is in the ``experiments`` extra), else a plain one-line bar, so that the CLI works
+    without it."""
 
     def __init__(self, label: str, total: int, enabled: bool = True) -> None:
         self.label, self.total, self.enabled = label, max(1, total), enabled
         self.done = 0
         self.start = time.perf_counter()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=self.total, desc=label, file=sys.stderr, dynamic_ncols=True)
         self._draw()
 
     def advance(self, n: int = 1) -> None:
         self.done = min(self.total, self.done + n)
+        if self._bar is not None:
+            self._bar.update(self.done - self._bar.n)
         self._draw()
 
     def close(self) -> None:
-        if self.enabled:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
             sys.stderr.write("\n")
             sys.stderr.flush()
 
     def _draw(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self._bar is not None:
             return
         width = 30
         filled = int(width * self.done / self.total)
