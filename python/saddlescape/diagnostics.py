@@ -330,7 +330,8 @@ class PreconditionerConstants:
         second_moments: (k, d, d) E[g g^T] at each point (exact, or the sample mean of g g^T
             where ``sampled``).
         Lambda1: (k,) ||A grad f||^2 / ||A^(1/2) grad f||^2; NaN where A^(1/2) grad f = 0.
-        Lambda2: (k,) ||A r|| / ||r||, r = grad f - grad f~; NaN where r = 0 or the problem has
+        Lambda2: (k,) ||A r|| / ||r||, r = grad f - grad f~; NaN where r = 0 (to rounding: 64
+            machine epsilons of the gradients' norms, as for a quadratic f) or the problem has
             no Hessian (f~ unknown).
         Gamma: (k,) E||A g||^2 = tr(A G A^T).
         nu: (k,) lambda_min(A G A^T).
@@ -498,7 +499,15 @@ def preconditioner_constants(problem: Any, A: PreconditionerSpec, points: npt.Ar
         G = (G + G.T) / 2
         Am = precond(x)
         grad = np.asarray(p.gradient(x), dtype=np.float64)
-        residual = None if H0 is None else grad - (grad0 + H0 @ (x - x0v))
+        residual = None
+        if H0 is not None:
+            step = H0 @ (x - x0v)
+            residual = grad - (grad0 + step)
+            # A quadratic's residual is rounding only: counted as zero (Lambda_2 unconstrained)
+            # rather than turned into a ratio of rounding errors.
+            scale = np.linalg.norm(grad) + np.linalg.norm(grad0) + np.linalg.norm(step)
+            if np.linalg.norm(residual) <= 64 * np.finfo(np.float64).eps * scale:
+                residual = np.zeros(d)
         c = _constants(Am, G, grad, residual)
         As[i], Gs[i] = Am, G
         out["Lambda1"][i], out["Lambda2"][i], out["Gamma"][i] = c.Lambda1, c.Lambda2, c.Gamma
@@ -615,31 +624,35 @@ def prop_4_4_bounds(G: npt.ArrayLike, eps: float,
     return Constants(lam, lam, d * hi / (e + hi), nu, 1.0 / math.sqrt(hi + e))
 
 
-def check_bounds(measured: Constants, claimed: Constants, rtol: float = 1e-9) -> BoundCheck:
+def check_bounds(measured: Constants, claimed: Constants, rtol: float = 1e-9,
+                 atol: float = 0.0) -> BoundCheck:
     """Whether measured constants satisfy claimed ones in the sense of Definition 4.2.
 
-    Lambda_1, Lambda_2, Gamma: measured <= claimed (1 + rtol); nu, lambda_-:
-    measured >= claimed (1 - rtol) (or claimed <= 0). A NaN measured Lambda (unconstrained)
-    satisfies any claim.
+    Lambda_1, Lambda_2, Gamma: measured <= claimed (1 + rtol) + atol; nu, lambda_-:
+    measured >= claimed (1 - rtol) - atol (or claimed <= 0). A NaN measured Lambda
+    (unconstrained) satisfies any claim. ``atol`` covers a tiny nu of a nearly singular G,
+    whose computed eigenvalue has an absolute error of a few machine epsilons of ||A G A||.
 
     Args:
         measured: e.g. :meth:`PreconditionerConstants.at` or ``worst()``.
         claimed: e.g. :func:`prop_4_4_bounds`.
         rtol: the relative slack for rounding, >= 0.
+        atol: the absolute slack, >= 0.
 
     Returns:
         A :class:`BoundCheck`.
 
     Raises:
-        ValueError: rtol negative or not finite.
+        ValueError: rtol or atol negative or not finite.
     """
     r = _nonnegative("rtol", rtol)
+    a = _nonnegative("atol", atol)
 
     def upper(m: float, c: float) -> bool:
-        return bool(math.isnan(m) or m <= c * (1 + r))
+        return bool(math.isnan(m) or m <= c * (1 + r) + a)
 
     def lower(m: float, c: float) -> bool:
-        return bool(c <= 0 or m >= c * (1 - r))
+        return bool(c <= 0 or m >= c * (1 - r) - a)
 
     return BoundCheck(upper(measured.Lambda1, claimed.Lambda1),
                       upper(measured.Lambda2, claimed.Lambda2),
@@ -893,7 +906,8 @@ def _basis(directions: Any, d: int) -> np.ndarray:
 
 def _psd(name: str, value: Any, d: int | None = None) -> np.ndarray:
     """A finite, symmetric (to 1000 machine epsilons of max|M|, then averaged), positive
-    semidefinite (to d machine epsilons of lambda_max) float64 matrix, else a ValueError."""
+    semidefinite (to 100 d machine epsilons of lambda_max: a G assembled as Q diag(lam) Q^T
+    with zeros in lam has eigenvalues of that size) float64 matrix, else a ValueError."""
     m = _square(name, value, d)
     scale = float(np.max(np.abs(m))) if m.size else 0.0
     asym = float(np.max(np.abs(m - m.T))) if m.size else 0.0
@@ -901,7 +915,7 @@ def _psd(name: str, value: Any, d: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} must be symmetric, got max|{name} - {name}^T| = {asym:.3g}")
     m = (m + m.T) / 2
     lam = np.linalg.eigvalsh(m)
-    if lam[0] < -m.shape[0] * np.finfo(np.float64).eps * max(abs(lam[-1]), abs(lam[0])):
+    if lam[0] < -100 * m.shape[0] * np.finfo(np.float64).eps * max(abs(lam[-1]), abs(lam[0])):
         raise ValueError(f"{name} must be positive semidefinite, got the eigenvalue {lam[0]:.6g}")
     return m
 
