@@ -26,6 +26,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "isotropy": ("isotropy", "Sec. 3.1: covariance of the rescaled noise near a stationary point"),
     "estimation": ("estimation", "Thm. 4.1: the best beta against the step size"),
     "escape-time": ("escape_time", "escape times of SGD and RMSProp from the saddle"),
+    "constants": ("constants", "Def. 4.2: the preconditioner constants against Props. 4.3/4.4"),
+    "epsilon": ("epsilon", "Sec. 5.1: bounds (10), (11) against eps, beside RMSProp's runs"),
+    "rmsprop-vs-sgd": ("rmsprop_vs_sgd",
+                       "Sec. 5.2: the bounds (12)/(13) against measured escape-time ratios"),
 }
 
 __all__ = ["EXPERIMENTS", "run"]
