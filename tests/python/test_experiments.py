@@ -323,3 +323,4 @@ def test_rmsprop_vs_sgd_bound_against_escape_times(out):
     b = rows_where(rows, sigma2="10", escape_noise_variance="0.01")[0]
     assert a["sgd_median_escape"] == b["sgd_median_escape"]
     assert a["diag_median_escape"] == b["diag_median_escape"]
+    assert s["same_escape_noise_max_spread"] < 0.05

@@ -4,7 +4,8 @@ Each experiment writes a PNG figure, a CSV of the plotted data and a short text 
 ``DIR/NAME/`` and returns the summary. ``--quick`` runs a small instance (for tests and a first
 look). ``--seeds N`` sets the independent repetitions: runs per setting for saddle,
 beta-schedule, counterexample and escape-time; Monte-Carlo repetitions (of 400000 gradients
-each) for isotropy; noise replicas of the EMA study for estimation (default 4000, at least 2).
+each) for isotropy; noise replicas of the EMA study for estimation (default 4000, at least 2);
+runs per setting for epsilon and rmsprop-vs-sgd; constants has no randomness and ignores it.
 
 Experiments: see :data:`EXPERIMENTS`. The plots need matplotlib
 (``pip install 'saddlescape[experiments]'``).
