@@ -68,10 +68,10 @@ def worst(constants: list[dg.Constants]) -> dg.Constants:
 
 def measure(s: float, points: np.ndarray, sigma2: float = 1.0, eps: float = EPS,
             methods: tuple[str, ...] = tuple(METHODS)) -> dict[str, dict[str, Any]]:
-    """For noise covariance sigma2 * diag(1, s) and the damping eps: per method the worst measured constants, the
-    worst nu along the escape directions, the worst of the per-point bounds, whether every
-    point satisfies its bound (and which constants do not), and the extremes of
-    lambda_min(G), lambda_max(G) over the points."""
+    """For noise covariance sigma2 * diag(1, s) and the damping eps: per method the worst
+    measured constants, the worst nu along the escape directions, the worst of the per-point
+    bounds, whether every point satisfies its bound (and which constants do not), and the
+    extremes of lambda_min(G), lambda_max(G) over the points."""
     p = ss.problems.SaddleProblem(noise_cov=(sigma2, sigma2 * s))
     out: dict[str, dict[str, Any]] = {}
     for name in methods:

@@ -173,7 +173,8 @@ def run(out: Path, quick: bool = False, seeds: int | None = None, progress: bool
                     label=r if i == 0 else None)
     ax.axhline(1, color="k", lw=0.6)
     ax.axvline(1, color="k", lw=0.6)
-    ax.set(xscale="log", yscale="log", xlabel="predicted ratio of second-order factors (SGD / RMSProp)",
+    ax.set(xscale="log", yscale="log",
+           xlabel="predicted ratio of second-order factors (SGD / RMSProp)",
            ylabel="measured escape-time ratio (full, idealized)",
            title="agreement: upper right and lower left quadrants")
     ax.legend(fontsize=7, title="reading (colour: sigma2)", title_fontsize=7)
@@ -188,7 +189,8 @@ def run(out: Path, quick: bool = False, seeds: int | None = None, progress: bool
     groups: dict[float, list[float]] = {}
     for (sigma2, s), res in results.items():
         groups.setdefault(round(float(np.log10(sigma2 * s)), 6), []).append(res["ratio_full"])
-    spreads = [max(v) / min(v) - 1 for v in groups.values() if len(v) > 1 and np.all(np.isfinite(v))]
+    spreads = [max(v) / min(v) - 1 for v in groups.values()
+               if len(v) > 1 and np.all(np.isfinite(v))]
     spread = float(max(spreads)) if spreads else float("nan")
     summary["same_escape_noise_max_spread"] = spread
     summary["answer"] = (f"the bound (12) vs (13) names the faster method in {agree['bound']} of "
