@@ -298,3 +298,52 @@ def test_check_bounds_directions() -> None:
     assert dg.check_bounds(dg.Constants(2.0, math.nan, 3.0, 0.5, 0.1), claimed)
     bad = dg.check_bounds(dg.Constants(2.1, 1.0, 3.1, 0.4, 0.09), claimed)
     assert not bad and not any((bad.Lambda1, bad.Gamma, bad.nu, bad.lambda_minus)) and bad.Lambda2
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_equality_cases_of_prop_4_4_on_a_large_noisy_quadratic(eps: float) -> None:
+    # F = x^T H x / 2 with noise covariance Sigma (spectrum prescribed, ill-conditioned, d = 40):
+    # G(x) = Sigma + g g^T. At x = H^(-1) c u, u Sigma's eigenvector of lambda_min, the gradient
+    # c u is an eigenvector of G(x), still of its smallest eigenvalue lambda_min + c^2: Lambda_1
+    # attains Prop. 4.4's (lambda_min(G) + eps)^(-1/2).
+    d = 40
+    lam = np.logspace(0, -5, d)
+    Sigma, Q = spectral(lam, 21)
+    H, _ = spectral(np.linspace(3.0, -1.0, d), 22)  # indefinite: a saddle
+    p = ss.problems.NoisyQuadratic(H, Sigma)
+    c = 1e-3
+    u = Q[:, -1]
+    x = np.linalg.solve(H, c * u)
+    r = dg.preconditioner_constants(p, "adaptive", x, eps=eps)
+    G_lam = lam.copy()
+    G_lam[-1] += c * c
+    lo, hi = G_lam[-1], G_lam.max()
+    assert r.Lambda1[0] == pytest.approx((lo + eps) ** -0.5, rel=1e-6)
+    assert np.isnan(r.Lambda2[0])  # f is its own quadratic model
+    assert r.Gamma[0] == pytest.approx(np.sum(G_lam / (G_lam + eps)), rel=1e-8)
+    assert r.nu[0] == pytest.approx(lo / (lo + eps), rel=1e-6)
+    assert r.lambda_minus[0] == pytest.approx((hi + eps) ** -0.5, rel=1e-9)
+    b = dg.prop_4_4_bounds(r.second_moments[0], eps)
+    assert b.Lambda1 == pytest.approx(r.Lambda1[0], rel=1e-6)
+    assert dg.check_bounds(r.at(0), b, rtol=1e-6, atol=1e-12)
+    # nu_escape: the Hessian's negative eigenvectors (a quarter of them), on which A G A is
+    # not diagonal in general; it is at least nu, and the SGD constants are G's own.
+    assert r.nu_escape[0] >= r.nu[0] * (1 - 1e-9)
+    s = dg.preconditioner_constants(p, None, x)
+    assert s.Gamma[0] == pytest.approx(np.sum(G_lam), rel=1e-10)
+    assert s.nu[0] == pytest.approx(lo, rel=1e-6)
+    assert dg.check_bounds(s.at(0), dg.prop_4_3_bounds(s.second_moments[0]), atol=1e-15)
+
+
+def test_float32_inputs_give_the_float64_constants() -> None:
+    G, Q = spectral(np.array([2.0, 0.5, 0.05]), 31)
+    A = ref_A(G, 1e-2)
+    g, res = rng(5).standard_normal(3), rng(6).standard_normal(3)
+    c64 = dg.constants_at(A, G, g, res)
+    G32, A32 = G.astype(np.float32), A.astype(np.float32)
+    c32 = dg.constants_at((A32 + A32.T) / 2, (G32 + G32.T) / 2, g.astype(np.float32),
+                          res.astype(np.float32))
+    for name in ("Lambda1", "Lambda2", "Gamma", "nu", "lambda_minus"):
+        assert getattr(c32, name) == pytest.approx(getattr(c64, name), rel=1e-5)
+    b32 = dg.prop_4_4_bounds((G32 + G32.T) / 2, 1e-2)
+    assert b32.Gamma == pytest.approx(dg.prop_4_4_bounds(G, 1e-2).Gamma, rel=1e-6)

@@ -4,7 +4,8 @@ Each experiment writes a PNG figure, a CSV of the plotted data and a short text 
 ``DIR/NAME/`` and returns the summary. ``--quick`` runs a small instance (for tests and a first
 look). ``--seeds N`` sets the independent repetitions: runs per setting for saddle,
 beta-schedule, counterexample and escape-time; Monte-Carlo repetitions (of 400000 gradients
-each) for isotropy; noise replicas of the EMA study for estimation (default 4000, at least 2).
+each) for isotropy; noise replicas of the EMA study for estimation (default 4000, at least 2);
+runs per setting for epsilon and rmsprop-vs-sgd; constants has no randomness and ignores it.
 
 Experiments: see :data:`EXPERIMENTS`. The plots need matplotlib
 (``pip install 'saddlescape[experiments]'``).
@@ -26,6 +27,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "isotropy": ("isotropy", "Sec. 3.1: covariance of the rescaled noise near a stationary point"),
     "estimation": ("estimation", "Thm. 4.1: the best beta against the step size"),
     "escape-time": ("escape_time", "escape times of SGD and RMSProp from the saddle"),
+    "constants": ("constants", "Def. 4.2: the preconditioner constants against Props. 4.3/4.4"),
+    "epsilon": ("epsilon", "Sec. 5.1: bounds (10), (11) against eps, beside RMSProp's runs"),
+    "rmsprop-vs-sgd": ("rmsprop_vs_sgd",
+                       "Sec. 5.2: the bounds (12)/(13) against measured escape-time ratios"),
 }
 
 __all__ = ["EXPERIMENTS", "run"]
