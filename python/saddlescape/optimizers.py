@@ -192,6 +192,8 @@ class Optimizer(abc.ABC):
         Raises:
             ValueError: for a wrong x or g, a NaN/Inf in g (x and state are then unchanged).
             NumericalError: when the direction cannot be computed.
+            RuntimeError: a run of this optimizer is in progress (on any thread), or the call
+                comes from inside this optimizer's own step (a callable preconditioner).
         """
         if not isinstance(x, np.ndarray):
             raise ValueError(f"x must be a numpy float64 array updated in place, got {type(x).__name__}")
@@ -202,8 +204,17 @@ class Optimizer(abc.ABC):
             ga = ga.astype(np.float64)
         if source is not None and not isinstance(source, Sampler):
             raise ValueError(f"source must be a problem's sampler(seed), got {type(source).__name__}")
-        with _Exclusive([self]):
+        guards = self._guards()
+        if len(guards) != 1:
+            with _Exclusive([self]):
+                self._native(x.shape[0]).step(x, ga, source)
+            return
+        guard = guards[0]  # the common case without _Exclusive's bookkeeping: ~1 us, not ~5
+        guard.acquire(False)
+        try:
             self._native(x.shape[0]).step(x, ga, source)
+        finally:
+            guard.release()
 
     def state_dict(self) -> dict[str, Any]:
         """The state: ``{"kind", "arrays": {name: array}, "scalars": {name: float}}``.

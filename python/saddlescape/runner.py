@@ -210,6 +210,8 @@ def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
         Exception: whatever a Python oracle, callable preconditioner or progress callback
             raised, with ``result`` holding the records so far.
         ImportError: progress=True without tqdm installed.
+        RuntimeError: the optimizer is in use by another thread's run, or this call comes
+            from inside a run or step of it (see :mod:`saddlescape.optimizers`, Threads).
     """
     if not isinstance(optimizer, Optimizer):
         raise ValueError(f"optimizer must be a saddlescape optimizer, got {type(optimizer).__name__}")
@@ -268,8 +270,9 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         With on_error="raise", the first seed that stopped raises, with the stacked result.
 
     Raises:
-        As :func:`run`; a KeyboardInterrupt or an exception from Python code carries the
-        stacked result (every seed's records up to where it stopped) as ``result``.
+        As :func:`run` (RuntimeError for an optimizer in use elsewhere); a KeyboardInterrupt
+        or an exception from Python code carries the stacked result (every seed's records up
+        to where it stopped) as ``result``.
     """
     x, n, every = _check_common(None, x0, steps, record_every, on_error)
     p = as_problem(problem, x.shape[0])
