@@ -29,7 +29,7 @@ except ImportError:  # hypothesis is in the test extra; without it test_properti
     pass
 else:
     _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+    settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
                               database=None, print_blob=True, suppress_health_check=_slow_ok)
     settings.register_profile("long", max_examples=400, deadline=None, print_blob=True,
                               suppress_health_check=_slow_ok)
