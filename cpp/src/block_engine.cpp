@@ -3,6 +3,7 @@
 #include "checks.hpp"
 #include "lapack.hpp"
 #include "lowrank.hpp"
+#include "memory.hpp"
 #include "parallel.hpp"
 
 #include <unistd.h>
@@ -26,11 +27,7 @@ constexpr std::int64_t max_period = 256;
 // Counters per block in a saved state, now and before the fallback counters.
 constexpr std::size_t counters = 10, counters_v1 = 5;
 
-std::size_t physical_memory() {
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page <= 0) return std::numeric_limits<std::size_t>::max();
-  return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
-}
+using detail::physical_memory;
 
 double beta_value(const schedule& beta, std::int64_t t) {
   const double b = beta(t);
@@ -172,7 +169,7 @@ block_engine<T>::block_engine(std::vector<index_t> block_sizes, schedule_ptr bet
       blk.since = static_cast<std::int64_t>(b % R);
     }
   } catch (const std::bad_alloc&) {
-    throw invalid_argument(concat("the block engine could not allocate its ", need, " bytes"));
+    throw out_of_memory(concat("the block engine could not allocate its ", need, " bytes"));
   }
 }
 

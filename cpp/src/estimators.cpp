@@ -5,6 +5,7 @@
 #include "checks.hpp"
 #include "multiversion.hpp"
 #include "lapack.hpp"
+#include "memory.hpp"
 
 
 #include <algorithm>
@@ -136,8 +137,21 @@ ema_estimator<T>::ema_estimator(index_t dim, schedule_ptr beta, structure s,
     row += b;
     at += b * b;
   }
-  data_.assign(static_cast<std::size_t>(estimate_size()), T(0));
-  if (s == structure::diag) spare_.assign(data_.size(), T(0));
+  // The estimate (and the diagonal's second buffer), and for full and block the factorisation
+  // made at the first use (an eigenbasis per block and the largest block's workspace).
+  double largest = 0.0;
+  for (const index_t b : blocks_) largest = std::max(largest, static_cast<double>(b));
+  const double entries = static_cast<double>(estimate_size());
+  const double bytes = s == structure::diag
+                           ? 2.0 * entries * sizeof(T)
+                           : 2.0 * entries * sizeof(T) + 2.0 * largest * largest * sizeof(double);
+  const std::string what = concat("an EMAEstimator of dim ", dim, " (structure '", to_string(s),
+                                  "', ", detail::type_name<T>(), ")");
+  detail::expect_memory(bytes, what);
+  detail::allocating(bytes, what, [&] {
+    data_.assign(static_cast<std::size_t>(estimate_size()), T(0));
+    if (s == structure::diag) spare_.assign(data_.size(), T(0));
+  });
   const std::size_t nb = blocks_.size();
   fb_failed_.assign(nb, 0);
   fb_eps_.assign(nb, 0);

@@ -2,6 +2,7 @@
 
 #include "checks.hpp"
 #include "lapack.hpp"
+#include "memory.hpp"
 #include "multiversion.hpp"
 #include "parallel.hpp"
 
@@ -113,12 +114,22 @@ std::string batch_name(index_t n, index_t i) {
   return n == 1 ? std::string("G") : concat("G[", i, "]");
 }
 
-// f(lambda) of root_spec, in double so that float32 input loses nothing extra here.
+// f(lambda) of root_spec, in double so that float32 input loses nothing extra here. lambda and
+// eps are finite and >= 0, but their sum can overflow (both near 1e308) although f is a normal
+// number; then both are halved first, f(lambda) = 2^(-1/p) ((lambda + eps) / 2)^(-1/p), rather
+// than returning 1 / inf = 0.
 double spectral_value(double lambda, const root_spec& spec) {
-  if (spec.form == root_form::adam) return 1.0 / (std::sqrt(lambda) + spec.eps);
-  const double shifted = lambda + spec.eps;
-  if (spec.p == 2) return 1.0 / std::sqrt(shifted);
-  return std::pow(shifted, -1.0 / spec.p);
+  if (spec.form == root_form::adam) {
+    const double den = std::sqrt(lambda) + spec.eps;
+    return std::isfinite(den) ? 1.0 / den : 0.5 / (0.5 * std::sqrt(lambda) + 0.5 * spec.eps);
+  }
+  double shifted = lambda + spec.eps, scale = 1.0;
+  if (!std::isfinite(shifted)) {
+    shifted = 0.5 * lambda + 0.5 * spec.eps;
+    scale = spec.p == 2 ? 0.70710678118654752440 : std::pow(2.0, -1.0 / spec.p);
+  }
+  if (spec.p == 2) return scale / std::sqrt(shifted);
+  return scale * std::pow(shifted, -1.0 / spec.p);
 }
 
 // Checks the eigenvalues of `what` (any order) as eigen_root::factor documents: finite, none
@@ -1243,8 +1254,8 @@ void newton_root<T>::compute(const T* G, const root_spec& spec, const newton_opt
 // free functions
 
 template <class T>
-void inv_root_batched(const T* G, index_t n, index_t d, const root_spec& spec, root_method method,
-                      const newton_options& opts, T* A) {
+void inv_root_batched_body(const T* G, index_t n, index_t d, const root_spec& spec,
+                           root_method method, const newton_options& opts, T* A) {
   spec.validate();
   opts.validate();
   SADDLESCAPE_EXPECTS(n >= 0, "the batch size must be >= 0, got ", n);
@@ -1314,8 +1325,8 @@ void inv_root_batched(const T* G, index_t n, index_t d, const root_spec& spec, r
 }
 
 template <class T>
-void inv_root_apply(const T* G, index_t d, const T* v, index_t k, const root_spec& spec,
-                    root_method method, const newton_options& opts, T* out) {
+void inv_root_apply_body(const T* G, index_t d, const T* v, index_t k, const root_spec& spec,
+                         root_method method, const newton_options& opts, T* out) {
   spec.validate();
   opts.validate();
   check_dim(d, "G");
@@ -1333,6 +1344,34 @@ void inv_root_apply(const T* G, index_t d, const T* v, index_t k, const root_spe
   const int n = static_cast<int>(d), kk = static_cast<int>(k);
   // out^T = v^T A in column-major terms (A is symmetric).
   detail::lapack::gemm('N', 'N', kk, n, n, T(1), v, kk, a.data(), n, T(0), out, kk);
+}
+
+// The workspaces of one eigensolver or Newton iteration for d x d (a few d^2 buffers: G's
+// copy, the eigenvectors, the result's factor, LAPACK's syevd workspace of 1 + 6d + 2d^2), one
+// per thread: what the next two functions name when an allocation fails.
+template <class T>
+double workspace_bytes(index_t d, unsigned threads) {
+  return 6.0 * static_cast<double>(d) * static_cast<double>(d) * sizeof(T) * threads;
+}
+
+template <class T>
+void inv_root_batched(const T* G, index_t n, index_t d, const root_spec& spec, root_method method,
+                      const newton_options& opts, T* A) {
+  const double bytes = workspace_bytes<T>(d, n > 1 ? detail::pass_threads() : 1u);
+  const std::string what = concat("the inverse root of ", n, " matrices of ", d, " x ", d, " (",
+                                  detail::type_name<T>(), ", its solvers' workspaces)");
+  if (d >= 1 && d <= detail::lapack::max_dim) detail::expect_memory(bytes, what);
+  detail::allocating(bytes, what, [&] { inv_root_batched_body(G, n, d, spec, method, opts, A); });
+}
+
+template <class T>
+void inv_root_apply(const T* G, index_t d, const T* v, index_t k, const root_spec& spec,
+                    root_method method, const newton_options& opts, T* out) {
+  const double bytes = workspace_bytes<T>(d, 1u);
+  const std::string what = concat("the inverse root of a ", d, " x ", d, " matrix (",
+                                  detail::type_name<T>(), ", its solver's workspace)");
+  if (d >= 1 && d <= detail::lapack::max_dim) detail::expect_memory(bytes, what);
+  detail::allocating(bytes, what, [&] { inv_root_apply_body(G, d, v, k, spec, method, opts, out); });
 }
 
 template <class T>
@@ -1357,8 +1396,9 @@ void diag_inv_root(const T* v, index_t n, const root_spec& spec, T* out) {
   }
   const T eps = static_cast<T>(spec.eps);
   // T arithmetic when eps is representable in T; an eps below T's normal range (1e-50 in
-  // float32) would round to zero, so that case goes through double like general p.
-  const bool native = spec.eps == 0.0 || eps >= std::numeric_limits<T>::min();
+  // float32) would round to zero, and one above it (1e39 in float32) to infinity, so those
+  // cases go through double like general p.
+  const bool native = spec.eps == 0.0 || (eps >= std::numeric_limits<T>::min() && eps <= big);
   if (native && spec.form == root_form::adam) {
     for (index_t i = 0; i < n; ++i) out[i] = T(1) / (std::sqrt(v[i]) + eps);
   } else if (native && spec.p == 2) {
@@ -1366,6 +1406,14 @@ void diag_inv_root(const T* v, index_t n, const root_spec& spec, T* out) {
   } else {  // general p, or an eps below T's normal range: in double
     for (index_t i = 0; i < n; ++i)
       out[i] = static_cast<T>(spectral_value(static_cast<double>(v[i]), spec));
+  }
+  // f > 0 for every finite v and eps; a 0 from T arithmetic means v + eps (or sqrt(v) + eps)
+  // overflowed, and double (with spectral_value's halving) gets the representable answer.
+  bool positive = true;
+  for (index_t i = 0; i < n; ++i) positive &= out[i] > T(0);
+  if (!positive) {
+    for (index_t i = 0; i < n; ++i)
+      if (!(out[i] > T(0))) out[i] = static_cast<T>(spectral_value(static_cast<double>(v[i]), spec));
   }
   if (!detail::all_finite(out, n)) {
     for (index_t i = 0; i < n; ++i)

@@ -4,6 +4,7 @@
 
 #include "checks.hpp"
 #include "lapack.hpp"
+#include "memory.hpp"
 #include "multiversion.hpp"
 #include "parallel.hpp"
 #include "tridiagonal.hpp"
@@ -399,6 +400,19 @@ rmsprop::rmsprop(index_t dim, schedule_ptr lr, schedule_ptr beta, rmsprop_option
                         "solver 'lowrank' with structure 'full' computes the inv_sqrt form only, "
                         "got form '", to_string(opts_.form), "' (structure 'block' has both)");
   }
+  // The diagonal's moment and direction; full: the estimate and the factorisation's or the
+  // tridiagonal route's d^2 buffers (the estimator and block engine check their own too).
+  const double dd = static_cast<double>(dim);
+  const double bytes = 8.0 * (opts_.layout == structure::diag ? 2.0 * dd
+                              : opts_.layout == structure::full ? 4.0 * dd * dd + dd : dd);
+  const std::string what = concat("RMSProp with dim = ", dim, " (structure '",
+                                  to_string(opts_.layout), "')");
+  detail::expect_memory(bytes, what);
+  detail::allocating(bytes, what, [&] { build_parts(lowrank); });
+}
+
+void rmsprop::build_parts(bool lowrank) {
+  const index_t dim = dim_;
   if (opts_.layout == structure::diag) {
     SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
     v_.assign(static_cast<std::size_t>(dim), 0.0);
@@ -762,17 +776,23 @@ adam::adam(index_t dim, schedule_ptr lr, double beta1, schedule_ptr beta2, adam_
   SADDLESCAPE_EXPECTS(opts_.refresh_every >= 1, "refresh_every must be >= 1, got ",
                       opts_.refresh_every);
   const auto d = static_cast<std::size_t>(dim);
-  m_.assign(d, 0.0);
-  mhat_.assign(d, 0.0);
-  dir_.assign(d, 0.0);
-  if (opts_.layout == structure::diag) {
-    SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
-    v_.assign(d, 0.0);
-  } else {
-    est_ = std::make_unique<ema_estimator<double>>(dim, beta2_, opts_.layout, opts_.block_sizes,
-                                                   true, opts_.refresh_every);
-    est_->set_fallback({opts_.max_consecutive_failures, opts_.fallback_eps});
-  }
+  const double bytes = 8.0 * static_cast<double>(dim) * (opts_.layout == structure::diag ? 4.0 : 3.0);
+  const std::string what = concat("Adam with dim = ", dim, " (structure '",
+                                  to_string(opts_.layout), "')");
+  detail::expect_memory(bytes, what);
+  detail::allocating(bytes, what, [&] {
+    m_.assign(d, 0.0);
+    mhat_.assign(d, 0.0);
+    dir_.assign(d, 0.0);
+    if (opts_.layout == structure::diag) {
+      SADDLESCAPE_EXPECTS(opts_.block_sizes.empty(), "block_sizes are for structure 'block' only");
+      v_.assign(d, 0.0);
+    } else {
+      est_ = std::make_unique<ema_estimator<double>>(dim, beta2_, opts_.layout, opts_.block_sizes,
+                                                     true, opts_.refresh_every);
+      est_->set_fallback({opts_.max_consecutive_failures, opts_.fallback_eps});
+    }
+  });
 }
 
 block_statistics adam::statistics() const {

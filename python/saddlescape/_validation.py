@@ -45,6 +45,16 @@ def seed(value: Any) -> int:
     return s
 
 
+def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
+    """value if it is one of the strings in options, else a ValueError naming it (a non-string
+    would otherwise reach the core as a pybind11 TypeError listing signatures)."""
+    if not isinstance(value, str) or value not in options:
+        names = [repr(o) for o in options]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    return value
+
+
 def float_dtype(dtype: Any) -> np.dtype:
     """float32 or float64 as a numpy dtype; anything else is a ValueError."""
     try:

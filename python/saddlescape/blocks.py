@@ -60,7 +60,7 @@ import numpy as np
 import numpy.typing as npt
 
 from saddlescape import _core
-from saddlescape._validation import float_dtype, integer, real
+from saddlescape._validation import choice, float_dtype, integer, real
 from saddlescape.schedules import Schedule, as_schedule
 
 Form = Literal["inv_sqrt", "adam"]
@@ -141,7 +141,7 @@ class BlockEngine:
             sizes,
             schedule,
             real("eps", eps),
-            form,
+            choice("form", form, ("inv_sqrt", "adam")),
             integer("refresh_every", refresh_every),
             t,
             bool(bias_correction),
@@ -282,6 +282,9 @@ class BlockEngine:
             theirs = state.get(key)
             if (list(theirs) if key == "block_sizes" and theirs is not None else theirs) != mine:
                 raise ValueError(f"the state's {key} is {theirs!r}, this engine's is {mine!r}")
+        missing = sorted({"updates", "beta_product", "data", "scalars"} - set(state))
+        if missing:
+            raise ValueError(f"the state is missing {missing}")
         data = np.ascontiguousarray(state["data"], dtype=self.dtype)
         scalars = np.ascontiguousarray(state["scalars"], dtype=np.float64)
         self._engine.load(integer("updates", state["updates"]), real("beta_product",

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from saddlescape import _core
-from saddlescape._validation import float_dtype, integer, real, real_array
+from saddlescape._validation import choice, float_dtype, integer, real, real_array
 from saddlescape.schedules import Schedule, as_schedule
 
 Structure = Literal["full", "diag", "block"]
@@ -97,7 +97,7 @@ class EMAEstimator:
         self._impl = cls(
             integer("dim", dim),
             _beta(beta),
-            structure,
+            choice("structure", structure, ("full", "diag", "block")),
             _blocks(block_sizes),
             self._bias_correction,
             integer("refresh_every", refresh_every),
@@ -194,7 +194,7 @@ class EMAEstimator:
             NumericalError: eps = 0 and the estimate is singular (always so before the first
                 update, and for a full estimate of fewer than d samples).
         """
-        return self._impl.preconditioner(2, real("eps", eps), form)
+        return self._impl.preconditioner(2, real("eps", eps), choice("form", form, ("inv_sqrt", "adam")))
 
     def apply(self, v: npt.ArrayLike, eps: float, form: Form = "inv_sqrt") -> np.ndarray:
         """A v for the preconditioner A of :meth:`preconditioner`, without forming A.
@@ -204,7 +204,8 @@ class EMAEstimator:
                 :meth:`preconditioner` otherwise.
             NumericalError: as :meth:`preconditioner`.
         """
-        return self._impl.apply(real_array("v", v, self._dtype, (self.dim,)), 2, real("eps", eps), form)
+        return self._impl.apply(real_array("v", v, self._dtype, (self.dim,)), 2, real("eps", eps),
+                                choice("form", form, ("inv_sqrt", "adam")))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The state as a versioned dict of numpy arrays.
@@ -283,7 +284,8 @@ class CovarianceEstimator:
     ) -> None:
         dt = float_dtype(dtype)
         cls = _core.CovarianceEstimator_float64 if dt == np.float64 else _core.CovarianceEstimator_float32
-        self._impl = cls(integer("dim", dim), _beta(beta), structure,
+        self._impl = cls(integer("dim", dim), _beta(beta),
+                         choice("structure", structure, ("full", "diag", "block")),
                          _blocks(block_sizes), bool(bias_correction),
                          integer("refresh_every", refresh_every))
         # The EMA view shares the native object; estimate(), preconditioner() etc. come from it.

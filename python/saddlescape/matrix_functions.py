@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from saddlescape import _core
+from saddlescape._validation import choice as _choice
 from saddlescape._validation import int32 as _int32
 from saddlescape._validation import real as _float
 
@@ -30,6 +31,9 @@ Form = Literal["inv_sqrt", "adam"]
 Method = Literal["eigh", "newton"]
 
 __all__ = ["diag_inv_sqrt", "inv_root", "inv_sqrt", "inv_sqrt_apply"]
+
+_FORMS = ("inv_sqrt", "adam")
+_METHODS = ("eigh", "newton")
 
 
 def _newton_args(tol: float | None, max_iter: int) -> tuple[float, int]:
@@ -75,7 +79,8 @@ def inv_sqrt(
             converge; the result overflows.
     """
     t, it = _newton_args(tol, max_iter)
-    return _core.inv_root(np.asarray(G), 2, _float("eps", eps), form, method, t, it)
+    return _core.inv_root(np.asarray(G), 2, _float("eps", eps), _choice("form", form, _FORMS),
+                          _choice("method", method, _METHODS), t, it)
 
 
 def inv_root(
@@ -106,7 +111,8 @@ def inv_root(
         NumericalError: as :func:`inv_sqrt`.
     """
     t, it = _newton_args(tol, max_iter)
-    return _core.inv_root(np.asarray(G), _int32("p", p), _float("eps", eps), "inv_sqrt", method, t, it)
+    return _core.inv_root(np.asarray(G), _int32("p", p), _float("eps", eps), "inv_sqrt",
+                          _choice("method", method, _METHODS), t, it)
 
 
 def inv_sqrt_apply(
@@ -145,7 +151,8 @@ def inv_sqrt_apply(
         # numpy's promotion, except that integers join G's float type (float32 stays float32)
         common = G.dtype if v.dtype.kind in "iu" else np.result_type(G.dtype, v.dtype)
         G, v = G.astype(common, copy=False), v.astype(common, copy=False)
-    return _core.inv_root_apply(G, v, 2, _float("eps", eps), form, method, t, it)
+    return _core.inv_root_apply(G, v, 2, _float("eps", eps), _choice("form", form, _FORMS),
+                                _choice("method", method, _METHODS), t, it)
 
 
 def diag_inv_sqrt(v: npt.ArrayLike, eps: float = 0.0, form: Form = "inv_sqrt") -> np.ndarray:
@@ -164,4 +171,4 @@ def diag_inv_sqrt(v: npt.ArrayLike, eps: float = 0.0, form: Form = "inv_sqrt") -
             unknown form; a non-float dtype.
         NumericalError: a zero entry with eps = 0, or overflow.
     """
-    return _core.diag_inv_root(np.asarray(v), 2, _float("eps", eps), form)
+    return _core.diag_inv_root(np.asarray(v), 2, _float("eps", eps), _choice("form", form, _FORMS))

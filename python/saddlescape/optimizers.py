@@ -18,12 +18,21 @@ count). A NaN/Inf gradient raises ValueError and leaves x and the optimizer unch
 ``state_dict()`` / ``load_state_dict()`` save and restore the complete state.
 
 An optimizer is built for one dimension; SGD and PreconditionedSGD learn it from their first use.
+
+Threads. Separate optimizers may be stepped or run in parallel threads (``run`` releases the
+GIL) and give exactly the serial results. One optimizer shared by threads is guarded by a lock
+(a SaddleEscape's together with its base's): ``step``, ``state_dict``, ``load_state_dict``,
+``statistics`` and ``estimate`` calls from several threads are serialised; while a ``run`` or
+``run_many`` advances it, any other use of it, from any thread (its own oracle's included),
+raises RuntimeError instead of waiting for the run, and so does a second run of it, and a use
+from inside its own step (a callable preconditioner stepping the optimizer it belongs to).
 """
 
 from __future__ import annotations
 
 import abc
 import copy
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -66,10 +75,72 @@ def _native_function(fn: Any) -> int | None:
     return None
 
 
+class _Guard:
+    """One optimizer's lock, with who holds it and whether a run does (see the module docstring:
+    serialised calls, RuntimeError instead of waiting for a run or of deadlocking)."""
+
+    __slots__ = ("_lock", "_owner", "_run", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._run = False
+        self._name = name
+
+    def acquire(self, run: bool) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError(f"this {self._name} is already in use on this thread (a run or step "
+                               f"of it is calling back into it)")
+        if self._run:
+            raise RuntimeError(f"this {self._name} is being advanced by a run on another thread; "
+                               f"one optimizer cannot be used by two threads at once")
+        self._lock.acquire()
+        self._owner, self._run = me, run
+
+    def release(self) -> None:
+        self._owner, self._run = None, False
+        self._lock.release()
+
+
+class _Exclusive:
+    """Holds the guards of an optimizer's parts (ordered by id, so two holders cannot deadlock)."""
+
+    __slots__ = ("_guards", "_run", "_taken")
+
+    def __init__(self, optimizers: Sequence["Optimizer"], run: bool = False) -> None:
+        guards = {id(g): g for o in optimizers for g in o._guards()}
+        self._guards = [guards[k] for k in sorted(guards)]
+        self._run = run
+        self._taken: list[_Guard] = []
+
+    def __enter__(self) -> None:
+        try:
+            for g in self._guards:
+                g.acquire(self._run)
+                self._taken.append(g)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._taken:
+            self._taken.pop().release()
+
+
 class Optimizer(abc.ABC):
-    """Base class: the native object behind an optimizer, built once its dimension is known."""
+    """Base class: the native object behind an optimizer, built once its dimension is known.
+
+    Thread-safety: see the module docstring (one optimizer's calls are serialised by a lock;
+    a use during a run of it raises RuntimeError)."""
 
     _native_obj: _core.Optimizer | None = None
+
+    def _guards(self) -> list[_Guard]:
+        """The locks of the native objects this optimizer steps (a SaddleEscape's and its
+        base's), made at first use; dict.setdefault is atomic under the GIL."""
+        g = self.__dict__.get("_guard") or self.__dict__.setdefault("_guard", _Guard(type(self).__name__))
+        return [g]
 
     @abc.abstractmethod
     def _make(self, dim: int) -> _core.Optimizer:
@@ -121,6 +192,8 @@ class Optimizer(abc.ABC):
         Raises:
             ValueError: for a wrong x or g, a NaN/Inf in g (x and state are then unchanged).
             NumericalError: when the direction cannot be computed.
+            RuntimeError: a run of this optimizer is in progress (on any thread), or the call
+                comes from inside this optimizer's own step (a callable preconditioner).
         """
         if not isinstance(x, np.ndarray):
             raise ValueError(f"x must be a numpy float64 array updated in place, got {type(x).__name__}")
@@ -131,7 +204,17 @@ class Optimizer(abc.ABC):
             ga = ga.astype(np.float64)
         if source is not None and not isinstance(source, Sampler):
             raise ValueError(f"source must be a problem's sampler(seed), got {type(source).__name__}")
-        self._native(x.shape[0]).step(x, ga, source)
+        guards = self._guards()
+        if len(guards) != 1:
+            with _Exclusive([self]):
+                self._native(x.shape[0]).step(x, ga, source)
+            return
+        guard = guards[0]  # the common case without _Exclusive's bookkeeping: ~1 us, not ~5
+        guard.acquire(False)
+        try:
+            self._native(x.shape[0]).step(x, ga, source)
+        finally:
+            guard.release()
 
     def state_dict(self) -> dict[str, Any]:
         """The state: ``{"kind", "arrays": {name: array}, "scalars": {name: float}}``.
@@ -142,7 +225,8 @@ class Optimizer(abc.ABC):
         directions agree with the uninterrupted run's again from that run's next refresh
         (solver "lowrank": they differ only by rounding).
         """
-        return self._native(self._require_dim()).state_dict()
+        with _Exclusive([self]):
+            return self._native(self._require_dim()).state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a state_dict() of the same kind and shape; on a ValueError nothing changes."""
@@ -150,7 +234,9 @@ class Optimizer(abc.ABC):
             raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         if not isinstance(state.get("kind"), str):
             raise ValueError("the state's 'kind' must be a string")
-        self._native(self._require_dim()).load_state_dict(copy.deepcopy(state))
+        state = copy.deepcopy(state)
+        with _Exclusive([self]):
+            self._native(self._require_dim()).load_state_dict(state)
 
     def __repr__(self) -> str:
         return repr(self._native_obj) if self._native_obj is not None else f"{type(self).__name__}(unbuilt)"
@@ -291,7 +377,8 @@ class RMSProp(Optimizer):
         Raises:
             ValueError: for structure "diag" and the closed form of dim 2.
         """
-        return _statistics(self._native_obj)
+        with _Exclusive([self]):
+            return _statistics(self._native_obj)
 
     def _inject_refresh_failures(self, block: int, attempts: int, stages: int = 3) -> None:
         """Test hook: the next ``attempts`` refactorisations of ``block`` that commit see
@@ -301,7 +388,8 @@ class RMSProp(Optimizer):
 
     def estimate(self) -> np.ndarray:
         """G_t: (d, d) for full, (d,) for diag, the blocks (row-major) back to back for block."""
-        e = self._native_obj.estimate()
+        with _Exclusive([self]):
+            e = self._native_obj.estimate()
         d = self._native_obj.dim
         return e.reshape(d, d) if self._native_obj.structure == "full" else e
 
@@ -349,7 +437,8 @@ class Adam(Optimizer):
     def statistics(self) -> dict[str, Any]:
         """Structures "full" and "block": the fallback counters per block (as
         :meth:`RMSProp.statistics`). Raises ValueError for "diag"."""
-        return _statistics(self._native_obj)
+        with _Exclusive([self]):
+            return _statistics(self._native_obj)
 
     def _inject_refresh_failures(self, block: int, attempts: int, stages: int = 3) -> None:
         """Test hook, as :meth:`RMSProp._inject_refresh_failures`."""
@@ -390,6 +479,9 @@ class SaddleEscape(Optimizer):
 
     def _parts(self) -> list[Any]:
         return [self._native_obj] + self._base._parts()
+
+    def _guards(self) -> list[_Guard]:
+        return super()._guards() + self._base._guards()
 
     @property
     def burn_in_remaining(self) -> int:

@@ -34,6 +34,11 @@ callable ``progress(steps_done)``, called on the calling thread about every 50 m
 
 Threads: ``run_many`` runs seeds on ``threads`` threads; the diagonal optimizers split steps of
 long vectors (>= 2^18 entries) over ``SADDLESCAPE_NUM_THREADS`` threads (default: all cores).
+``run`` and ``run_many`` release the GIL, so runs of separate optimizers in parallel Python
+threads proceed in parallel and give the serial results bit for bit. A run holds its
+optimizers' locks: any other use of them meanwhile (another thread's step or run, the run's
+own oracle) raises RuntimeError rather than racing with it (see :mod:`saddlescape.optimizers`).
+Problems are immutable and may be shared.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from saddlescape._core import NumericalError
 from saddlescape._validation import integer as _integer
 from saddlescape._validation import real_array as _real_array
 from saddlescape._validation import seed as _seed
-from saddlescape.optimizers import Optimizer
+from saddlescape.optimizers import Optimizer, _Exclusive
 from saddlescape.problems import as_problem
 
 __all__ = ["DivergenceError", "RunManyResult", "RunResult", "run", "run_many"]
@@ -205,6 +210,8 @@ def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
         Exception: whatever a Python oracle, callable preconditioner or progress callback
             raised, with ``result`` holding the records so far.
         ImportError: progress=True without tqdm installed.
+        RuntimeError: the optimizer is in use by another thread's run, or this call comes
+            from inside a run or step of it (see :mod:`saddlescape.optimizers`, Threads).
     """
     if not isinstance(optimizer, Optimizer):
         raise ValueError(f"optimizer must be a saddlescape optimizer, got {type(optimizer).__name__}")
@@ -216,7 +223,8 @@ def run(problem: Any, optimizer: Optimizer, x0: Any, steps: int, seed: int = 0,
     native = optimizer._native(p.dim)
     callback, bar = _progress_bar(progress, n + _burn_in(optimizer), "run")
     try:
-        d = _core.run(p, native, x, n, s, every, bool(record_x), callback)
+        with _Exclusive([optimizer], run=True):
+            d = _core.run(p, native, x, n, s, every, bool(record_x), callback)
         if bar is not None and d["status"] == "completed":
             bar.update(bar.total - bar.n)
     finally:
@@ -262,8 +270,9 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         With on_error="raise", the first seed that stopped raises, with the stacked result.
 
     Raises:
-        As :func:`run`; a KeyboardInterrupt or an exception from Python code carries the
-        stacked result (every seed's records up to where it stopped) as ``result``.
+        As :func:`run` (RuntimeError for an optimizer in use elsewhere); a KeyboardInterrupt
+        or an exception from Python code carries the stacked result (every seed's records up
+        to where it stopped) as ``result``.
     """
     x, n, every = _check_common(None, x0, steps, record_every, on_error)
     p = as_problem(problem, x.shape[0])
@@ -300,8 +309,9 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
     total = sum(n + _burn_in(o) for o in made)
     callback, bar = _progress_bar(progress, total, f"run_many ({len(seed_list)} seeds)")
     try:
-        outs, interrupt = _core.run_many(p, opts, x, n, seed_list, every, bool(record_x),
-                                         nthreads, callback)
+        with _Exclusive(made, run=True):
+            outs, interrupt = _core.run_many(p, opts, x, n, seed_list, every, bool(record_x),
+                                             nthreads, callback)
         if bar is not None and all(o["status"] == "completed" for o in outs):
             bar.update(bar.total - bar.n)
     finally:

@@ -21,7 +21,7 @@ std::pair<index_t, index_t> square_stack(const py::array& G) {
 template <class T>
 py::array inv_root_typed(const py::array& G_in, const root_spec& spec, root_method method,
                          const newton_options& opts) {
-  const auto G = c_array<T>::ensure(G_in);  // no copy when already C-contiguous
+  const auto G = ensure_c<T>(G_in, "G");  // no copy when already C-contiguous
   const auto [n, d] = square_stack(G);
   c_array<T> out(std::vector<py::ssize_t>(G.shape(), G.shape() + G.ndim()));
   const T* g = G.data();
@@ -36,8 +36,8 @@ py::array inv_root_typed(const py::array& G_in, const root_spec& spec, root_meth
 template <class T>
 py::array inv_root_apply_typed(const py::array& G_in, const py::array& v_in, const root_spec& spec,
                                root_method method, const newton_options& opts) {
-  const auto G = c_array<T>::ensure(G_in);
-  const auto v = c_array<T>::ensure(v_in);
+  const auto G = ensure_c<T>(G_in, "G");
+  const auto v = ensure_c<T>(v_in, "v");
   const index_t d = G.shape(0);
   const index_t k = v.ndim() == 2 ? v.shape(1) : 1;
   c_array<T> out(std::vector<py::ssize_t>(v.shape(), v.shape() + v.ndim()));
@@ -53,7 +53,7 @@ py::array inv_root_apply_typed(const py::array& G_in, const py::array& v_in, con
 
 template <class T>
 py::array diag_inv_root_typed(const py::array& v_in, const root_spec& spec) {
-  const auto v = c_array<T>::ensure(v_in);
+  const auto v = ensure_c<T>(v_in, "v");
   c_array<T> out(std::vector<py::ssize_t>(v.shape(), v.shape() + v.ndim()));
   const T* x = v.data();
   T* o = out.mutable_data();

@@ -24,6 +24,19 @@ inline std::string shape_string(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// c_array<T>::ensure(a), which returns a null array (its Python error cleared) when the copy
+// to C order and dtype T cannot be made: for a float array, when the memory cannot be
+// allocated. Raised as a MemoryError naming the bytes rather than used (a crash).
+template <class T>
+c_array<T> ensure_c(const py::array& a, const char* name) {
+  c_array<T> out = c_array<T>::ensure(a);
+  if (!out)
+    throw out_of_memory(detail::concat(name, ": its C-contiguous ", detail::type_name<T>(),
+                                       " copy needs ", static_cast<double>(a.size()) * sizeof(T),
+                                       " bytes, which could not be allocated"));
+  return out;
+}
+
 inline std::string dtype_string(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
 // Equivalence, not identity: a dtype object equal to float64 but distinct (with metadata, say)

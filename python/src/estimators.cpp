@@ -21,7 +21,7 @@ c_array<T> typed(const py::array& a, const char* name) {
     throw invalid_argument(std::string(name) + " must have dtype " +
                            py::str(py::dtype::of<T>()).cast<std::string>() + ", got " +
                            dtype_string(a));
-  return c_array<T>::ensure(a);
+  return ensure_c<T>(a, name);
 }
 
 template <class T>

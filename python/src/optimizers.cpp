@@ -20,7 +20,7 @@ darray vector_in(const py::array& a, index_t dim, const char* name) {
   SADDLESCAPE_EXPECTS(a.ndim() == 1 && a.shape(0) == dim, name, " must have shape (", dim,
                       ",), got shape ", shape_string(a));
   expect_float(a, name);
-  return darray::ensure(a);
+  return ensure_c<double>(a, name);
 }
 
 // x is updated in place, so it must be exactly a writable C-contiguous float64 (dim,) array.
@@ -72,7 +72,7 @@ void call_vector(const py::object& fn, const double* x, index_t dim, double* out
   const char kind = a.dtype().kind();
   SADDLESCAPE_EXPECTS(kind == 'f' || kind == 'i' || kind == 'u', what,
                       " must return real numbers, got dtype ", dtype_string(a));
-  const darray d = darray::ensure(a);
+  const darray d = ensure_c<double>(a, what);
   std::copy(d.data(), d.data() + dim, out);
 }
 
@@ -163,7 +163,7 @@ darray eval_matrix(const problem& p, const py::array& x,
 
 std::vector<double> flat(const py::array& a, const char* name) {
   expect_float(a, name);
-  const darray d = darray::ensure(a);
+  const darray d = ensure_c<double>(a, name);
   return std::vector<double>(d.data(), d.data() + d.size());
 }
 
@@ -475,7 +475,7 @@ void bind_optimizers(py::module_& m) {
                                    a ? shape_string(a)
                                      : std::string(py::str(py::type::handle_of(r))));
                expect_float(a, "the preconditioner's result");
-               const darray A = darray::ensure(a);
+               const darray A = ensure_c<double>(a, "the preconditioner's result");
                const double* p = A.data();
                for (index_t i = 0; i < dim; ++i) {
                  if (diag) {

@@ -7,8 +7,11 @@
 #              (default: python). The C++ build finds Eigen and OpenBLAS through it.
 #   BUILD_DIR  build folder (default: build/cpp under the repository root); the consumer
 #              project is built in BUILD_DIR/consumer.
-# Environment: SADDLESCAPE_CMAKE_ARGS, extra arguments for the main configure step;
-#              JOBS, parallel build and test jobs (default 2).
+# Environment: SADDLESCAPE_CMAKE_ARGS, extra arguments for the main configure step (split into
+#              words); SADDLESCAPE_CXX_FLAGS, one string of extra compile and link flags
+#              (CMAKE_CXX_FLAGS, e.g. sanitizers); SADDLESCAPE_BENCH=OFF skips the benchmarks;
+#              SADDLESCAPE_CONSUMER=0 skips the consumer project; JOBS, parallel build and
+#              test jobs (default 2). tests/cpp/run_sanitizers.sh uses them.
 # Needs: CMake >= 3.21, a C++17 compiler, GoogleTest with its CMake config (Debian:
 # libgtest-dev); Ninja is used when it is on PATH.
 set -euo pipefail
@@ -34,7 +37,12 @@ fi
 # bench/cpp is built with the tests once it exists.
 bench=OFF
 if [[ -f "$repo/bench/cpp/CMakeLists.txt" ]]; then
-  bench=ON
+  bench="${SADDLESCAPE_BENCH:-ON}"
+fi
+cxx_flags=()
+if [[ -n "${SADDLESCAPE_CXX_FLAGS:-}" ]]; then
+  # CMake passes CMAKE_CXX_FLAGS to the link step too, which the sanitizers' runtimes need.
+  cxx_flags=(-DCMAKE_CXX_FLAGS="$SADDLESCAPE_CXX_FLAGS")
 fi
 
 echo "== configure ($repo -> $build, Python $python, benchmarks $bench)"
@@ -43,6 +51,7 @@ cmake -S "$repo" -B "$build" "${generator[@]}" \
   -DPython_EXECUTABLE="$python" \
   -DSADDLESCAPE_BUILD_TESTS=ON \
   -DSADDLESCAPE_BUILD_BENCH="$bench" \
+  "${cxx_flags[@]}" \
   ${SADDLESCAPE_CMAKE_ARGS:-}
 
 echo "== build"
@@ -51,6 +60,9 @@ cmake --build "$build" --parallel "$jobs"
 echo "== ctest"
 ctest --test-dir "$build" --output-on-failure --parallel "$jobs"
 
+if [[ "${SADDLESCAPE_CONSUMER:-1}" == 0 ]]; then
+  exit 0
+fi
 echo "== consumer project against the installed package"
 if ! config_dir="$("$python" -c 'import saddlescape; print(saddlescape.cmake_dir())')"; then
   echo "run_cpp_tests.sh: $python cannot import saddlescape; pip install it first" >&2

@@ -10,6 +10,7 @@ checks that inputs are left untouched.
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 from collections.abc import Iterator
 
@@ -17,6 +18,22 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import scipy.linalg
+
+# Hypothesis (tests/python/test_properties.py): the "ci" profile, the default, is small and
+# derandomised, so that CI is quick and never flaky; HYPOTHESIS_PROFILE=long (or pytest's
+# --hypothesis-profile=long) searches for real: many more examples, a new random draw each run,
+# failures remembered in .hypothesis/ and replayed first.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in the test extra; without it test_properties.py skips
+    pass
+else:
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
+                              database=None, print_blob=True, suppress_health_check=_slow_ok)
+    settings.register_profile("long", max_examples=400, deadline=None, print_blob=True,
+                              suppress_health_check=_slow_ok)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 EPS64 = float(np.finfo(np.float64).eps)
 EPS32 = float(np.finfo(np.float32).eps)

@@ -7,11 +7,16 @@
 /// Numerical failures on valid input (a singular matrix with eps = 0, an iteration
 /// that did not converge, a result that overflowed) throw `saddlescape::numerical_error`,
 /// which Python sees as `saddlescape.NumericalError`, a subclass of `ArithmeticError`.
+/// Buffers larger than the machine's memory are an `invalid_argument` naming the bytes, found
+/// before anything is allocated; an allocation that fails below that (a memory limit) throws
+/// `saddlescape::out_of_memory`, a `std::bad_alloc` naming the bytes (Python: `MemoryError`).
 
+#include <new>
 #include <sstream>
 #include <type_traits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace saddlescape {
 
@@ -26,6 +31,17 @@ class invalid_argument : public std::invalid_argument {
 class numerical_error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+/// An allocation failed. A std::bad_alloc (so existing handlers and pybind11's MemoryError
+/// mapping see it) whose message names what was being allocated and its size.
+class out_of_memory : public std::bad_alloc {
+ public:
+  explicit out_of_memory(std::string message) : message_(std::move(message)) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
 };
 
 namespace detail {

@@ -238,6 +238,7 @@ class rmsprop final : public optimizer {
 
  private:
   struct lowrank_state;
+  void build_parts(bool lowrank);  // the constructor's allocations, after its checks
   void update_estimate(const double* g);
   void lowrank_direction(const double* g);
   schedule_ptr lr_, beta_;
