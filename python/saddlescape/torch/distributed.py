@@ -16,14 +16,16 @@ only on that rank; parameters and gradients are replicated, as in DDP.
 What is communicated, per step (W ranks, D parameters, L = the largest rank's share of D,
 c = bytes of ``comm_dtype``):
 
-1. a reduce-scatter of the gradients, laid out rank by rank and zero-padded to W equal segments
-   of L: rank r receives the sum over ranks of its blocks' gradients (a ring sends (W - 1) L c
-   bytes per rank);
+1. a reduce-scatter of the gradients, laid out rank by rank in W equal segments of L + 1
+   entries (zero-padded; the last entry of each segment is the sender's status, 0 when its
+   closure and gradients were fine): rank r receives the sum over ranks of its blocks' gradients
+   and of the statuses (a ring sends (W - 1)(L + 1) c bytes per rank);
 2. one all-gather of the updates lr A_b g_b, L + 1 entries per rank, the extra entry the rank's
-   status (0: its part of the step succeeded), another (W - 1)(L + 1) c bytes.
+   status after its blocks' step, another (W - 1)(L + 1) c bytes.
 
-In all 2 (W - 1)(L + 1/2) c bytes per rank, against DDP's ring all-reduce of 2 (W - 1) D / W c;
-with balanced shares (L close to D / W) the two are equal. Nothing else is sent on a step.
+In all 2 (W - 1)(L + 1) c bytes per rank, against DDP's ring all-reduce of 2 (W - 1) D / W c;
+with balanced shares (L close to D / W) the two are equal. Nothing else is sent on a step
+that succeeds.
 
 Exactness. All ranks apply the same gathered updates to the same parameters, so parameters stay
 bit-identical across ranks. Each block is computed by the same code as in an engine over all
@@ -34,15 +36,21 @@ torch.bfloat16`` (or float16) halves the bytes; gradients are then summed and up
 8 (11) significant bits, a relative error of about 2^-9 (2^-12) per entry and step, and the
 result is no longer the unsharded one to float32 rounding (ranks still agree bit for bit).
 
-Faults. A step either commits on every rank or on none: a rank whose part fails (a closure that
-raises, a missing or non-finite gradient, a numerical failure in its blocks, any exception)
-still takes part in both collectives and reports its status in the all-gather; if any status is
-nonzero every rank restores its blocks' state, leaves the parameters as they were and raises
-the same :class:`DistributedStepError` naming each failing rank and its error. A collective that
-fails (a rank died; the process group's ``timeout`` passed) raises :class:`DistributedError`
-naming the step and the collective, after restoring the state. Configurations that differ
-across ranks (parameter shapes and dtypes, block_size, refresh_every, form, beta, eps,
-comm_dtype) raise ValueError naming the field at construction, on every rank.
+Faults. A step either commits on every rank or on none. A rank whose closure raises or whose
+gradient is missing or non-finite still takes part in the reduce-scatter, with status 1; the
+summed status tells every rank, before any engine is touched, and all raise. A rank whose
+blocks fail (a numerical failure, any exception) reports it in the all-gather; every rank then
+restores its blocks' state and leaves the parameters as they were. Restoring needs a copy of the
+state taken before the engine call, which costs as much as the step, so it is taken only on
+steps where the engine can fail after changing anything: when a block has already failed
+``max_consecutive_failures - 1`` refactorisations in a row, or when lr |g|_2 / sqrt(eps)
+(inv_sqrt; lr |g|_2 / eps for adam), a bound on the update, comes within 1e-3 of the largest
+float. Every failure raises the same :class:`DistributedStepError` on every rank, naming each
+failing rank and its error. A collective that fails (a rank died; the process group's
+``timeout`` passed) raises :class:`DistributedError` naming the step and the collective, after
+restoring the state. Configurations that differ across ranks (parameter shapes and dtypes,
+block_size, refresh_every, form, beta, eps, comm_dtype, ...) raise ValueError naming the field
+at construction, on every rank.
 
 Checkpoints. :meth:`ShardedRMSProp.state_dict` is the rank's shard, keyed by global block index;
 :meth:`ShardedRMSProp.consolidated_state_dict` gathers all shards to one rank;
@@ -198,6 +206,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
         self._steps = 0
         self._block_size = int(block_size)
         self._refresh_every = int(refresh_every)
+        self._max_failures = int(max_consecutive_failures)
         options = dict(beta=beta, eps=eps, form=form, refresh_every=refresh_every,
                        dtype=self._np_dtype, tol=tol, bias_correction=bias_correction,
                        max_consecutive_failures=max_consecutive_failures,
@@ -244,7 +253,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
             local = 0
             for b in self.assignment.blocks[r]:
                 _, off, B = self._blocks[b]
-                rs[off:off + B] = r * L + local + np.arange(B)
+                rs[off:off + B] = r * (L + 1) + local + np.arange(B)
                 ag[off:off + B] = r * (L + 1) + local + np.arange(B)
                 local += B
                 if r == self._rank:
@@ -328,13 +337,13 @@ class ShardedRMSProp(torch.optim.Optimizer):
         return 0 if self._engine is None else self._engine.memory_bytes
 
     def communication_bytes(self) -> dict[str, int]:
-        """Bytes one rank sends per step in ring collectives: ``reduce_scatter`` (W - 1) L c,
-        ``all_gather`` (W - 1)(L + 1) c, their ``total``, and ``ddp_allreduce``, the
+        """Bytes one rank sends per step in ring collectives: ``reduce_scatter`` and
+        ``all_gather`` (W - 1)(L + 1) c each, their ``total``, and ``ddp_allreduce``, the
         2 (W - 1) D / W c of DDP's ring all-reduce of the same gradients, for comparison."""
         W, L = self._world, self._L
         c = torch.empty(0, dtype=self._comm_dtype).element_size()
         D = sum(self._sizes)
-        rs, ag = (W - 1) * L * c, (W - 1) * (L + 1) * c
+        rs, ag = (W - 1) * (L + 1) * c, (W - 1) * (L + 1) * c
         return {"reduce_scatter": rs, "all_gather": ag, "total": rs + ag,
                 "ddp_allreduce": int(round(2 * (W - 1) * D / W * c))}
 
@@ -371,7 +380,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
         """
         loss, failure = None, None
         W, L, comm = self._world, self._L, self._comm_dtype
-        send = torch.zeros(W * L, dtype=comm)
+        # Both buffers carry one status entry per rank segment after the L payload entries.
+        send = torch.zeros(W * (L + 1), dtype=comm)
         try:
             if closure is not None:
                 with torch.enable_grad():
@@ -381,18 +391,23 @@ class ShardedRMSProp(torch.optim.Optimizer):
         except Exception as e:
             failure = e
             send.zero_()
-        recv = torch.empty(L, dtype=comm)
+            send.view(W, L + 1)[:, L] = 1
+        recv = torch.empty(L + 1, dtype=comm)
         rs_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         self._collective("gradient reduce-scatter",
                          lambda: rs_fn(recv, send, group=self._group))
+        # recv[L] sums every rank's status: all ranks know alike whether one failed before
+        # the reduce-scatter, and then none of them touches its engine.
+        early = bool(recv[L] != 0)
         update = torch.zeros(L + 1, dtype=comm)
         saved = None
-        if failure is None and self._engine is not None:
+        if not early and self._engine is not None:
             try:
                 g = (recv[:self._n_own].to(self._dtype) / W).numpy()
-                saved = self._engine._engine.save()
-                d = self._engine.update_direction(g)
                 lrs = np.array([grp["lr"] for grp in self.param_groups], dtype=self._np_dtype)
+                if self._risky(g, lrs):
+                    saved = self._engine._engine.save()
+                d = self._engine.update_direction(g)
                 u = torch.from_numpy(d * lrs[self._own_group])
                 if not bool(torch.isfinite(u).all()):
                     raise _core.NumericalError(f"rank {self._rank}: the update of its blocks is "
@@ -403,6 +418,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
                                                f"comm_dtype {comm}")
             except Exception as e:
                 failure = e
+        if early:
+            self._fail(failure, None)
         update[L] = 0 if failure is None else 1
         gathered = torch.empty(W * (L + 1), dtype=comm)
         ag_fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -413,21 +430,42 @@ class ShardedRMSProp(torch.optim.Optimizer):
             raise
         status = gathered.view(W, L + 1)[:, L]
         if bool((status != 0).any()):
-            self._restore(saved)
-            mine = None if failure is None else (type(failure).__name__, str(failure))
-            everyone: list[Any] = [None] * W
-            self._collective("failure report (all_gather_object)",
-                             lambda: dist.all_gather_object(everyone, mine, group=self._group))
-            failures = [(r, f[0], f[1]) for r, f in enumerate(everyone) if f is not None]
-            text = "; ".join(f"rank {r}: {t}: {m}" for r, t, m in failures)
-            err = DistributedStepError(
-                f"step {self._steps} failed on {len(failures)} of {W} ranks, no rank changed its "
-                f"parameters or optimizer state: {text}", failures)
-            raise err from failure
+            self._fail(failure, saved)
         with torch.no_grad():
             self._unflatten_into(gathered[self._pos_ag].to(self._dtype), assign=False)
         self._steps += 1
         return loss
+
+    def _risky(self, g: np.ndarray, lrs: np.ndarray) -> bool:
+        """Whether the engine call of this step could fail after committing on another rank,
+        so that this rank must be able to restore its state. The call fails only (a) when a
+        block that already failed max_consecutive_failures - 1 refactorisations in a row fails
+        again, or (b) by overflow, impossible when |lr A g| <= lr |g|_2 / sqrt(eps) (inv_sqrt)
+        or lr |g|_2 / eps (adam) is far below the largest float of the engine and comm_dtype.
+        Copying the state every step would cost as much as the step; this keeps it to steps at
+        risk."""
+        stats = self._engine._engine.statistics()
+        if max(stats["consecutive_failures"], default=0) >= self._max_failures - 1:
+            return True
+        eps = self._config["eps"]
+        gain = eps ** -0.5 if self._config["form"] == "inv_sqrt" else 1.0 / eps
+        bound = float(np.linalg.norm(g.astype(np.float64))) * gain * float(lrs.max(initial=0.0))
+        limit = min(float(torch.finfo(self._comm_dtype).max), float(np.finfo(self._np_dtype).max))
+        return not bound < 1e-3 * limit
+
+    def _fail(self, failure: BaseException | None, saved: Any) -> None:
+        """Restores this rank's state and raises the same DistributedStepError on every rank."""
+        self._restore(saved)
+        W = self._world
+        mine = None if failure is None else (type(failure).__name__, str(failure))
+        everyone: list[Any] = [None] * W
+        self._collective("failure report (all_gather_object)",
+                         lambda: dist.all_gather_object(everyone, mine, group=self._group))
+        failures = [(r, f[0], f[1]) for r, f in enumerate(everyone) if f is not None]
+        text = "; ".join(f"rank {r}: {t}: {m}" for r, t, m in failures)
+        raise DistributedStepError(
+            f"step {self._steps} failed on {len(failures)} of {W} ranks, no rank changed its "
+            f"parameters or optimizer state: {text}", failures) from failure
 
     def _restore(self, saved: Any) -> None:
         if saved is not None and self._engine is not None:
