@@ -106,10 +106,11 @@ def model_run(rank: int, world: int, steps: int) -> dict:
     X, y = mlp_data()
     rows = slice(rank * 12 // world, (rank + 1) * 12 // world)
     out = {}
-    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    for name, dt, how in (("float32", torch.float32, "auto"), ("bfloat16", torch.bfloat16, "auto"),
+                          ("native", torch.float32, "native")):
         model = make_mlp()
         opt = ShardedRMSProp(model.parameters(), lr=0.02, beta=0.95, eps=1e-4, block_size=5,
-                             refresh_every=4, comm_dtype=dt)
+                             refresh_every=4, comm_dtype=dt, reduce_scatter=how)
         losses = []
         for _ in range(steps):
             opt.zero_grad()

@@ -19,7 +19,10 @@ c = bytes of ``comm_dtype``):
 1. a reduce-scatter of the gradients, laid out rank by rank in W equal segments of L + 1
    entries (zero-padded; the last entry of each segment is the sender's status, 0 when its
    closure and gradients were fine): rank r receives the sum over ranks of its blocks' gradients
-   and of the statuses (a ring sends (W - 1)(L + 1) c bytes per rank);
+   and of the statuses (a ring sends (W - 1)(L + 1) c bytes per rank). On gloo, whose
+   reduce-scatter moves an all-reduce's bytes (measured in torch 2.13), an all-to-all sends
+   each segment straight to its owner (the same (W - 1)(L + 1) c bytes), and the owner sums
+   the W pieces in rank order in float32;
 2. one all-gather of the updates lr A_b g_b, L + 1 entries per rank, the extra entry the rank's
    status after its blocks' step, another (W - 1)(L + 1) c bytes.
 
@@ -150,6 +153,11 @@ class ShardedRMSProp(torch.optim.Optimizer):
         cost: ``"time"`` or ``"memory"``, the block cost of :func:`saddlescape.sharding.block_costs`.
         sync_parameters: broadcast rank 0's parameters to all ranks at construction (as DDP
             does), so that all start bit-identical.
+        reduce_scatter: how gradients reach their owners: ``"native"`` (torch's
+            reduce-scatter, a ring on NCCL; summed in comm_dtype), ``"all_to_all"`` (each
+            segment sent to its owner, who sums the W pieces in rank order in float32: the same
+            bytes as a ring reduce-scatter), or ``"auto"``: all_to_all on gloo, whose
+            reduce-scatter moves as many bytes as an all-reduce, native otherwise.
 
     Raises:
         ValueError: bad options; parameters not on the CPU, not float32/float64, of mixed dtypes
@@ -164,7 +172,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
                  tol: float | None = None, bias_correction: bool = False,
                  max_consecutive_failures: int = 3, fallback_eps: float = 0.0,
                  process_group: Any = None, comm_dtype: torch.dtype = torch.float32,
-                 cost: str = "time", sync_parameters: bool = True) -> None:
+                 cost: str = "time", sync_parameters: bool = True,
+                 reduce_scatter: str = "auto") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("ShardedRMSProp needs an initialised process group: call "
                              "torch.distributed.init_process_group(...) first (torchrun sets "
@@ -201,6 +210,12 @@ class ShardedRMSProp(torch.optim.Optimizer):
         self._dtype = next(iter(dtypes))
         self._np_dtype = _NP_DTYPES[self._dtype]
         self._group = process_group
+        if reduce_scatter not in ("auto", "native", "all_to_all"):
+            raise ValueError(f"reduce_scatter must be 'auto', 'native' or 'all_to_all', got "
+                             f"{reduce_scatter!r}")
+        backend = str(dist.get_backend(process_group))
+        self._all_to_all = (reduce_scatter == "all_to_all"
+                            or (reduce_scatter == "auto" and backend == "gloo"))
         self._rank, self._world = _group_rank_size(process_group)
         self._comm_dtype = comm_dtype
         self._steps = 0
@@ -231,6 +246,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
             "fallback_eps": float(fallback_eps),
             "comm_dtype": str(comm_dtype),
             "cost": cost,
+            "reduce_scatter": "all_to_all" if self._all_to_all else "native",
         }
         self._check_same_config()
         self.assignment: Assignment = assign_blocks(
@@ -392,10 +408,23 @@ class ShardedRMSProp(torch.optim.Optimizer):
             failure = e
             send.zero_()
             send.view(W, L + 1)[:, L] = 1
-        recv = torch.empty(L + 1, dtype=comm)
-        rs_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        self._collective("gradient reduce-scatter",
-                         lambda: rs_fn(recv, send, group=self._group))
+        if self._all_to_all:
+            # gloo's reduce-scatter moves an all-reduce's bytes (measured); an all-to-all sends
+            # each segment to its owner only, (W - 1)(L + 1) c bytes per rank like a ring
+            # reduce-scatter, and the owner sums the W pieces in rank order, in float32 or wider.
+            pieces = torch.empty(W * (L + 1), dtype=comm)
+            self._collective("gradient all-to-all (reduce-scatter)",
+                             lambda: dist.all_to_all_single(pieces, send, group=self._group))
+            rows = pieces.view(W, L + 1)
+            acc_dtype = torch.float64 if comm == torch.float64 else torch.float32
+            recv = rows[0].to(acc_dtype)
+            for r in range(1, W):
+                recv = recv + rows[r].to(acc_dtype)
+        else:
+            recv = torch.empty(L + 1, dtype=comm)
+            rs_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            self._collective("gradient reduce-scatter",
+                             lambda: rs_fn(recv, send, group=self._group))
         # recv[L] sums every rank's status: all ranks know alike whether one failed before
         # the reduce-scatter, and then none of them touches its engine.
         early = bool(recv[L] != 0)
