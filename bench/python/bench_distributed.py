@@ -194,7 +194,7 @@ def projection(per_block: dict, D_model: int, block: int = 256) -> str:
         a = assign_blocks([block] * n_blocks, W)
         most = max(len(b) for b in a.blocks)
         L = max(a.sizes)
-        ours = (W - 1) * L * 4 + (W - 1) * (L + 1) * 4
+        ours = 2 * (W - 1) * (L + 1) * 4
         ddp = 2 * (W - 1) * D_model / W * 4
         known = ddp + (W - 1) * L * 4
         lines.append(f"| {W} | {most} | {most * per:.1f} ms | {n_blocks * per:.0f} ms | "
