@@ -17,7 +17,7 @@ from saddlescape.blocks import BlockEngine
 from saddlescape.estimators import CovarianceEstimator, EMAEstimator, burn_in
 from saddlescape.matrix_functions import diag_inv_sqrt, inv_root, inv_sqrt, inv_sqrt_apply
 from saddlescape.optimizers import SGD, Adam, PreconditionedSGD, RMSProp, SaddleEscape
-from saddlescape.runner import DivergenceError, RunManyResult, RunResult, run, run_many
+from saddlescape.runner import ChunkError, DivergenceError, RunManyResult, RunResult, run, run_many
 from saddlescape.schedules import beta_from_lr
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "SGD",
     "Adam",
     "BlockEngine",
+    "ChunkError",
     "CovarianceEstimator",
     "DivergenceError",
     "EMAEstimator",

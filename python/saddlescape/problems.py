@@ -43,13 +43,34 @@ __all__ = [
 _f64 = np.dtype(np.float64)
 
 
+def _rebuild(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return cls(*args, **kwargs)
+
+
+class _Picklable:
+    """Pickles a problem as its class and constructor arguments (rebuilt, hence validated, on
+    unpickling), so that process executors (``run_many(..., executor=...)``) can ship it. Those
+    arguments are kept; the C++ state is not pickled. A problem from ``from_components`` or
+    ``NativeOracle`` is not picklable (TypeError)."""
+
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def _remember(self, *args: Any, **kwargs: Any) -> None:
+        self._init_args = (args, kwargs)
+
+    def __reduce__(self) -> Any:
+        if self._init_args is None:
+            raise TypeError(f"this {type(self).__name__} cannot be pickled")
+        return (_rebuild, (type(self),) + self._init_args)
+
+
 def _vector_or_matrix(name: str, value: Any, d: int) -> np.ndarray:
     a = np.asarray(value)
     shape: tuple[int | None, ...] = (d,) if a.ndim == 1 else (d, d)
     return _real_array(name, a, _f64, shape)
 
 
-class SaddleProblem(_core.SaddleProblem):
+class SaddleProblem(_Picklable, _core.SaddleProblem):
     """The saddle problem of Sec. 6 of the paper.
 
     f_i(x) = x^T H x / 2 + b_i^T x + sum_j x_j^power with H = diag(h), i uniform on n components,
@@ -75,6 +96,7 @@ class SaddleProblem(_core.SaddleProblem):
         hv = _real_array("h", h, _f64, (None,))
         super().__init__(hv, _vector_or_matrix("noise_cov", noise_cov, hv.shape[0]),
                          _integer("n", n), _integer("power", power), _seed(seed))
+        self._remember(h, noise_cov, n, power, seed)
 
     @staticmethod
     def from_components(h: Sequence[float], b: Any, power: int = 10) -> _core.SaddleProblem:
@@ -88,7 +110,7 @@ class SaddleProblem(_core.SaddleProblem):
         return _core.SaddleProblem.from_components(hv, bm, _integer("power", power))
 
 
-class ReddiCounterexample(_core.ReddiCounterexample):
+class ReddiCounterexample(_Picklable, _core.ReddiCounterexample):
     """The counterexample of Sec. 3.2: F(x) = zeta x on [-1, 1], minimised at x = -1.
 
     The stochastic gradient is C with probability p = (1 + zeta) / (C + 1) and -1 otherwise, so
@@ -101,9 +123,10 @@ class ReddiCounterexample(_core.ReddiCounterexample):
 
     def __init__(self, C: float, zeta: float) -> None:
         super().__init__(_real("C", C), _real("zeta", zeta))
+        self._remember(C, zeta)
 
 
-class NoisyQuadratic(_core.NoisyQuadratic):
+class NoisyQuadratic(_Picklable, _core.NoisyQuadratic):
     """F(x) = x^T H x / 2 with Gaussian gradient noise: g = H x + xi, xi ~ N(0, noise_cov).
 
     Args:
@@ -117,9 +140,10 @@ class NoisyQuadratic(_core.NoisyQuadratic):
             raise ValueError(f"H must have shape (d, d), got shape {Hm.shape}")
         Hm = _real_array("H", Hm, _f64, (Hm.shape[0], Hm.shape[0]))
         super().__init__(Hm, _vector_or_matrix("noise_cov", noise_cov, Hm.shape[0]))
+        self._remember(Hm, np.asarray(noise_cov))
 
 
-class LogisticRegression(_core.LogisticRegression):
+class LogisticRegression(_Picklable, _core.LogisticRegression):
     """Softmax regression: x = [W (K x p) row-major, b (K)], dim = K (p + 1).
 
     F(x) = mean_i CE(softmax(W a_i + b), y_i) + l2 / 2 ||W||^2, evaluated exactly over all rows
@@ -147,9 +171,10 @@ class LogisticRegression(_core.LogisticRegression):
             raise ValueError(f"y must have shape ({Xm.shape[0]},), got shape {ya.shape}")
         super().__init__(Xm, ya.astype(np.int64), _integer("batch_size", batch_size),
                          _real("l2", l2), 0 if classes is None else _integer("classes", classes))
+        self._remember(Xm, ya, batch_size, l2, classes)
 
 
-class Oracle(_core.Oracle):
+class Oracle(_Picklable, _core.Oracle):
     """A problem given by Python callables.
 
     Args:
@@ -171,6 +196,7 @@ class Oracle(_core.Oracle):
         if oracle is None:
             raise ValueError("oracle must be callable, got None")
         super().__init__(_integer("dim", dim), oracle, value, gradient)
+        self._remember(oracle, dim, value, gradient)
 
 
 def function_address(function: Any) -> int:

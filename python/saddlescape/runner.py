@@ -32,6 +32,15 @@ Progress: ``progress=True`` shows a `tqdm <https://tqdm.github.io>`_ bar of the 
 (``pip install saddlescape[progress]`` or ``pip install tqdm``). ``progress`` may also be a
 callable ``progress(steps_done)``, called on the calling thread about every 50 ms.
 
+Executors: ``run_many(..., executor=ex)`` runs chunks of the seeds on any
+:class:`concurrent.futures.Executor` (a ``ProcessPoolExecutor``, a Dask ``client.get_executor()``,
+mpi4py's ``MPIPoolExecutor``, a ``ThreadPoolExecutor``); each chunk is a local ``run_many`` with
+``on_error="return"``, and the chunks' records are stacked in seed order, so the result is the
+local run's bit for bit (a seed's run depends only on the problem, the optimizer, x0 and the
+seed). Process-based executors pickle ``problem`` and ``make_optimizer``: the problem classes
+of :mod:`saddlescape.problems` pickle as their constructor arguments, and ``make_optimizer``
+must be picklable (a module-level function or a ``functools.partial`` of an optimizer class).
+
 Threads: ``run_many`` runs seeds on ``threads`` threads; the diagonal optimizers split steps of
 long vectors (>= 2^18 entries) over ``SADDLESCAPE_NUM_THREADS`` threads (default: all cores).
 ``run`` and ``run_many`` release the GIL, so runs of separate optimizers in parallel Python
@@ -43,6 +52,8 @@ Problems are immutable and may be shared.
 
 from __future__ import annotations
 
+import concurrent.futures
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -57,7 +68,18 @@ from saddlescape._validation import seed as _seed
 from saddlescape.optimizers import Optimizer, _Exclusive
 from saddlescape.problems import as_problem
 
-__all__ = ["DivergenceError", "RunManyResult", "RunResult", "run", "run_many"]
+__all__ = ["ChunkError", "DivergenceError", "RunManyResult", "RunResult", "run", "run_many"]
+
+
+class ChunkError(RuntimeError):
+    """A chunk of ``run_many(..., executor=...)`` failed in the executor (its worker raised,
+    died, or could not unpickle the arguments). ``chunk`` is its index, ``seeds`` its seeds;
+    the worker's exception is ``__cause__``."""
+
+    def __init__(self, message: str, chunk: int, seeds: list[int]) -> None:
+        super().__init__(message)
+        self.chunk = chunk
+        self.seeds = seeds
 
 
 class DivergenceError(NumericalError):
@@ -253,17 +275,26 @@ def _stack(parts: list[np.ndarray | None], rows: int, shape: tuple[int, ...]) ->
 def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, steps: int,
              seeds: int | Sequence[int], threads: int | None = None, record_every: int = 1,
              record_x: bool = True, on_error: str = "raise",
-             progress: bool | Callable[[int], Any] = False) -> RunManyResult:
-    """Runs one seed per optimizer from ``make_optimizer()``, in parallel native threads.
+             progress: bool | Callable[[int], Any] = False,
+             executor: concurrent.futures.Executor | None = None, chunk_size: int | None = None,
+             timeout: float | None = None) -> RunManyResult:
+    """Runs one seed per optimizer from ``make_optimizer()``, in parallel native threads, or in
+    chunks on an executor.
 
     Args:
         problem: as :func:`run`; shared by all threads (problems are immutable).
         make_optimizer: called once per seed, returning a fresh optimizer.
         x0, steps, record_every, record_x, on_error: as :func:`run`.
         seeds: a count n (seeds 0..n-1) or a sequence of seeds.
-        threads: worker threads (default: the machine's CPU count).
+        threads: worker threads (default: the machine's CPU count; with an executor, 1 per
+            chunk).
         progress: True for a tqdm bar of all seeds' steps, or a callable
-            ``progress(steps_done)``.
+            ``progress(steps_done)``; not with an executor.
+        executor: a :class:`concurrent.futures.Executor` running the chunks (see the module
+            docstring); None runs here.
+        chunk_size: seeds per chunk (default: the seeds cut into about 4 chunks per worker
+            where the executor says its worker count, else into 32 chunks).
+        timeout: with an executor, seconds to wait for all chunks (None: no limit).
 
     Returns:
         A :class:`RunManyResult`; seed i's records equal ``run(..., seed=seeds[i])``'s.
@@ -273,6 +304,10 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         As :func:`run` (RuntimeError for an optimizer in use elsewhere); a KeyboardInterrupt
         or an exception from Python code carries the stacked result (every seed's records up
         to where it stopped) as ``result``.
+        ChunkError: with an executor, a chunk failed (an exception in its worker, including
+            one from Python code, is its ``__cause__``); the other chunks are cancelled.
+        TimeoutError: the chunks did not finish within ``timeout``, naming those pending.
+        TypeError: executor is not a concurrent.futures.Executor.
     """
     x, n, every = _check_common(None, x0, steps, record_every, on_error)
     p = as_problem(problem, x.shape[0])
@@ -287,11 +322,19 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
         seed_list = [_seed(s) for s in seeds]
         if not seed_list:
             raise ValueError("seeds must not be empty")
+    if executor is not None and threads is None:
+        threads = 1
     nthreads = (os.cpu_count() or 1) if threads is None else _integer("threads", threads)
     if nthreads < 1:
         raise ValueError(f"threads must be >= 1, got {nthreads}")
     if not callable(make_optimizer):
         raise ValueError("make_optimizer must be a callable returning a fresh optimizer")
+    if executor is not None:
+        return _run_many_executor(problem, make_optimizer, x, n, seed_list, nthreads, every,
+                                  bool(record_x), on_error, progress, executor, chunk_size,
+                                  timeout)
+    if chunk_size is not None or timeout is not None:
+        raise ValueError("chunk_size and timeout apply only with an executor")
     # `made` keeps the Python optimizers (and whatever they own) alive for the whole run.
     opts, parts, made = [], [], []
     for _ in seed_list:
@@ -348,4 +391,83 @@ def run_many(problem: Any, make_optimizer: Callable[[], Optimizer], x0: Any, ste
             if o["status"] != "completed":
                 raise _error(o["status"], f"seed {seed_list[i]}: {o['message']}", result,
                              o["stopped_at"])
+    return result
+
+
+def _run_chunk(problem: Any, make_optimizer: Callable[[], Optimizer], x0: np.ndarray, steps: int,
+               seeds: list[int], threads: int, record_every: int,
+               record_x: bool) -> RunManyResult:
+    """One chunk of run_many on an executor's worker."""
+    return run_many(problem, make_optimizer, x0, steps, seeds, threads=threads,
+                    record_every=record_every, record_x=record_x, on_error="return")
+
+
+def _run_many_executor(problem: Any, make_optimizer: Callable[[], Optimizer], x: np.ndarray,
+                       n: int, seed_list: list[int], nthreads: int, every: int, record_x: bool,
+                       on_error: str, progress: Any, executor: Any, chunk_size: Any,
+                       timeout: Any) -> RunManyResult:
+    if not isinstance(executor, concurrent.futures.Executor):
+        raise TypeError(f"executor must be a concurrent.futures.Executor, got "
+                        f"{type(executor).__name__}")
+    if progress is not None and progress is not False:
+        raise ValueError("progress is not supported with an executor")
+    if chunk_size is None:
+        workers = getattr(executor, "_max_workers", None)
+        chunks = 4 * workers if isinstance(workers, int) and workers > 0 else 32
+        size = max(1, math.ceil(len(seed_list) / chunks))
+    else:
+        size = _integer("chunk_size", chunk_size)
+        if size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {size}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+    pieces = [seed_list[i:i + size] for i in range(0, len(seed_list), size)]
+    futures = [executor.submit(_run_chunk, problem, make_optimizer, x, n, piece, nthreads, every,
+                               record_x) for piece in pieces]
+
+    def describe(i: int) -> str:
+        piece = pieces[i]
+        return (f"chunk {i} of {len(pieces)} (seeds {piece[0]}..{piece[-1]})" if len(piece) > 1
+                else f"chunk {i} of {len(pieces)} (seed {piece[0]})")
+
+    done, pending = concurrent.futures.wait(futures, timeout=timeout,
+                                            return_when=concurrent.futures.FIRST_EXCEPTION)
+    failed = [i for i, f in enumerate(futures) if f in done and f.exception() is not None]
+    if failed:
+        for f in pending:
+            f.cancel()
+        i = failed[0]
+        e = futures[i].exception()
+        raise ChunkError(f"run_many: {describe(i)} failed in the executor: "
+                         f"{type(e).__name__}: {e}", i, pieces[i]) from e
+    if pending:
+        for f in pending:
+            f.cancel()
+        names = [describe(i) for i, f in enumerate(futures) if f in pending]
+        raise TimeoutError(f"run_many: {len(names)} of {len(pieces)} chunks did not finish "
+                           f"within timeout = {timeout} s: " + ", ".join(names[:5])
+                           + (" ..." if len(names) > 5 else ""))
+    parts = [f.result() for f in futures]
+    t = max((p.t for p in parts), key=len)
+    R = t.shape[0]
+    rows = lambda name: [row for p in parts for row in (getattr(p, name) if getattr(p, name)  # noqa: E731
+                                                         is not None else [None] * len(p.seeds))]
+    dim = x.shape[0]
+    result = RunManyResult(
+        t=t,
+        f=_stack(rows("f"), R, ()),
+        grad_norm=_stack(rows("grad_norm"), R, ()),
+        lambda_min=_stack(rows("lambda_min"), R, ()),
+        x=_stack(rows("x"), R, (dim,)),
+        x_final=np.concatenate([p.x_final for p in parts]),
+        status=[s for p in parts for s in p.status],
+        stopped_at=np.concatenate([p.stopped_at for p in parts]),
+        message=[m for p in parts for m in p.message],
+        seeds=np.array(seed_list, dtype=np.uint64),
+    )
+    if on_error == "raise":
+        for i, st in enumerate(result.status):
+            if st != "completed":
+                raise _error(st, f"seed {seed_list[i]}: {result.message[i]}", result,
+                             int(result.stopped_at[i]))
     return result

@@ -1,0 +1,681 @@
+"""Data-parallel training with block preconditioners sharded over a torch.distributed group.
+
+:class:`ShardedRMSProp` is block-diagonal full-matrix RMSProp (the :class:`saddlescape.BlockEngine`
+update: per block G_b <- beta G_b + (1 - beta) g_b g_b^T, x_b <- x_b - lr A_b g_b with
+A_b = (G_b + eps I)^(-1/2) or (G_b^(1/2) + eps I)^(-1)) where g is the mean of the ranks'
+gradients, as with DDP. Each rank keeps the state of only the blocks it owns and computes only
+their directions.
+
+What is sharded. Every parameter tensor is flattened and cut into blocks of at most
+``block_size`` entries (:func:`parameter_blocks`); block b goes to a rank by
+:func:`saddlescape.sharding.assign_blocks` (largest cost first onto the least-loaded rank;
+cost = refresh and direction flops by default), computed identically on every rank. A rank's
+estimates, eigenbases and gradient histories (2 B^2 + 2 refresh_every B floats per block) exist
+only on that rank; parameters and gradients are replicated, as in DDP.
+
+What is communicated, per step (W ranks, D parameters, L = the largest rank's share of D,
+c = bytes of ``comm_dtype``):
+
+1. a reduce-scatter of the gradients, laid out rank by rank in W equal segments of L + 1
+   entries (zero-padded; the last entry of each segment is the sender's status, 0 when its
+   closure and gradients were fine): rank r receives the sum over ranks of its blocks' gradients
+   and of the statuses (a ring sends (W - 1)(L + 1) c bytes per rank). On gloo, whose
+   reduce-scatter moves an all-reduce's bytes (measured in torch 2.13), an all-to-all sends
+   each segment straight to its owner (the same (W - 1)(L + 1) c bytes), and the owner sums
+   the W pieces in rank order in float32;
+2. one all-gather of the updates lr A_b g_b, L + 1 entries per rank, the extra entry the rank's
+   status after its blocks' step, another (W - 1)(L + 1) c bytes.
+
+In all 2 (W - 1)(L + 1) c bytes per rank, against DDP's ring all-reduce of 2 (W - 1) D / W c;
+with balanced shares (L close to D / W) the two are equal. Nothing else is sent on a step
+that succeeds.
+
+Exactness. All ranks apply the same gathered updates to the same parameters, so parameters stay
+bit-identical across ranks. Each block is computed by the same code as in an engine over all
+blocks, with the same refresh offsets (b mod refresh_every for global block index b), so with
+``comm_dtype=torch.float32`` a step equals the unsharded engine on the mean gradient to the
+rounding of that mean (bit for bit when the sum over ranks is exact). ``comm_dtype=
+torch.bfloat16`` (or float16) halves the bytes; gradients are then summed and updates sent with
+8 (11) significant bits, a relative error of about 2^-9 (2^-12) per entry and step, and the
+result is no longer the unsharded one to float32 rounding (ranks still agree bit for bit).
+
+Faults. A step either commits on every rank or on none. A rank whose closure raises or whose
+gradient is missing or non-finite still takes part in the reduce-scatter, with status 1; the
+summed status tells every rank, before any engine is touched, and all raise. A rank whose
+blocks fail (a numerical failure, any exception) reports it in the all-gather; every rank then
+restores its blocks' state and leaves the parameters as they were. Restoring needs a copy of the
+state taken before the engine call, which costs as much as the step, so it is taken only on
+steps where the engine can fail after changing anything: when a block has already failed
+``max_consecutive_failures - 1`` refactorisations in a row, or when lr |g|_2 / sqrt(eps)
+(inv_sqrt; lr |g|_2 / eps for adam), a bound on the update, comes within 1e-3 of the largest
+float. Every failure raises the same :class:`DistributedStepError` on every rank, naming each
+failing rank and its error. A collective that fails (a rank died; the process group's
+``timeout`` passed) raises :class:`DistributedError` naming the step and the collective, after
+restoring the state. Configurations that differ across ranks (parameter shapes and dtypes,
+block_size, refresh_every, form, beta, eps, comm_dtype, ...) raise ValueError naming the field
+at construction, on every rank.
+
+Checkpoints. :meth:`ShardedRMSProp.state_dict` is the rank's shard, keyed by global block index;
+:meth:`ShardedRMSProp.consolidated_state_dict` gathers all shards to one rank;
+:meth:`ShardedRMSProp.save_checkpoint` writes that atomically (a temporary file, fsync,
+``os.replace``) so that a crash while saving leaves the previous checkpoint intact; any world size
+can :meth:`ShardedRMSProp.load_checkpoint` it: the blocks are re-assigned to the new ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from saddlescape import _core
+from saddlescape.blocks import BlockEngine, partition
+from saddlescape.sharding import (
+    Assignment,
+    assign_blocks,
+    atomic_write,
+    join_block_states,
+    set_stagger,
+    split_block_states,
+)
+
+__all__ = ["DistributedError", "DistributedStepError", "ShardedRMSProp", "parameter_blocks"]
+
+STATE_VERSION = 1
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_COMM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: a rank died or did not answer within the process group's timeout.
+    ``step`` is the step and ``collective`` the operation that failed."""
+
+    def __init__(self, message: str, step: int, collective: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.collective = collective
+
+
+class DistributedStepError(RuntimeError):
+    """A step failed on at least one rank; raised on every rank, with parameters and optimizer
+    state unchanged on all. ``failures`` lists (rank, exception type name, message)."""
+
+    def __init__(self, message: str, failures: list[tuple[int, str, str]]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+def parameter_blocks(shapes: Iterable[tuple[int, ...]], block_size: int) -> list[tuple[int, int, int]]:
+    """How parameters map to blocks: each tensor (in order) flattened (row-major) and cut into
+    consecutive blocks of ``block_size`` entries, its last block shorter; no block spans two
+    tensors. Returns (parameter index, offset in the flat vector of all parameters, size) per
+    block.
+
+    Raises:
+        ValueError: block_size < 1, or an empty tensor.
+    """
+    out, offset = [], 0
+    for i, shape in enumerate(shapes):
+        n = int(np.prod(shape, dtype=np.int64))
+        if n < 1:
+            raise ValueError(f"parameter {i} has no entries (shape {tuple(shape)})")
+        for B in partition(n, block_size):
+            out.append((i, offset, B))
+            offset += B
+    return out
+
+
+def _group_rank_size(group: Any) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class ShardedRMSProp(torch.optim.Optimizer):
+    """Block-diagonal full-matrix RMSProp, data-parallel, with the blocks sharded over the ranks.
+
+    Use it in place of DDP + an optimizer: every rank computes the gradients of its own batch
+    on the plain (unwrapped) model, then ``opt.step()`` averages them over the ranks and updates
+    the parameters (see the module docstring for the math, the communication and the faults).
+
+    Args:
+        params: the parameters (CPU tensors, all float32 or all float64), or param groups; groups
+            may differ only in ``lr``.
+        lr: the step size (read from each group at every step, so LR schedulers work).
+        beta, eps, form, refresh_every, tol, bias_correction, max_consecutive_failures,
+            fallback_eps: as :class:`saddlescape.BlockEngine`.
+        block_size: the largest block (see :func:`parameter_blocks`).
+        process_group: the group to shard over (None: the default group, which must exist).
+        comm_dtype: dtype of both collectives: torch.float32 (default), float64, bfloat16, float16.
+        cost: ``"time"`` or ``"memory"``, the block cost of :func:`saddlescape.sharding.block_costs`.
+        sync_parameters: broadcast rank 0's parameters to all ranks at construction (as DDP
+            does), so that all start bit-identical.
+        reduce_scatter: how gradients reach their owners: ``"native"`` (torch's
+            reduce-scatter, a ring on NCCL; summed in comm_dtype), ``"all_to_all"`` (each
+            segment sent to its owner, who sums the W pieces in rank order in float32: the same
+            bytes as a ring reduce-scatter), or ``"auto"``: all_to_all on gloo, whose
+            reduce-scatter moves as many bytes as an all-reduce, native otherwise.
+
+    Raises:
+        ValueError: bad options; parameters not on the CPU, not float32/float64, of mixed dtypes
+            or without entries; configuration differing across ranks (naming the field and the
+            ranks); no initialised process group.
+        TypeError: process_group is not a process group.
+        DistributedError: a collective at construction failed.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, *, beta: float = 0.99, eps: float = 1e-8,
+                 form: str = "inv_sqrt", block_size: int = 256, refresh_every: int = 16,
+                 tol: float | None = None, bias_correction: bool = False,
+                 max_consecutive_failures: int = 3, fallback_eps: float = 0.0,
+                 process_group: Any = None, comm_dtype: torch.dtype = torch.float32,
+                 cost: str = "time", sync_parameters: bool = True,
+                 reduce_scatter: str = "auto") -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("ShardedRMSProp needs an initialised process group: call "
+                             "torch.distributed.init_process_group(...) first (torchrun sets "
+                             "the environment for init_method='env://')")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
+                            f"got {type(process_group).__name__}")
+        if comm_dtype not in _COMM_DTYPES:
+            raise ValueError(f"comm_dtype must be one of {_COMM_DTYPES}, got {comm_dtype!r}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        defaults = dict(lr=lr)
+        super().__init__(params, defaults)
+        for i, g in enumerate(self.param_groups):
+            extra = sorted(set(g) - {"params", "lr"})
+            if extra:
+                raise ValueError(f"param group {i} sets {extra}; groups of ShardedRMSProp may "
+                                 f"differ only in lr")
+        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        if not self._params:
+            raise ValueError("ShardedRMSProp got no parameters")
+        dtypes = {p.dtype for p in self._params}
+        for i, p in enumerate(self._params):
+            if p.device.type != "cpu":
+                raise ValueError(f"parameter {i} is on {p.device}; ShardedRMSProp runs its "
+                                 f"blocks on the CPU (move the model to the CPU, use gloo)")
+            if p.dtype not in _NP_DTYPES:
+                raise ValueError(f"parameter {i} has dtype {p.dtype}; float32 or float64 needed")
+            if p.is_sparse or p.is_complex():
+                raise ValueError(f"parameter {i} is sparse or complex; not supported")
+        if len(dtypes) != 1:
+            raise ValueError(f"all parameters must have one dtype, got {sorted(map(str, dtypes))}")
+        self._dtype = next(iter(dtypes))
+        self._np_dtype = _NP_DTYPES[self._dtype]
+        self._group = process_group
+        if reduce_scatter not in ("auto", "native", "all_to_all"):
+            raise ValueError(f"reduce_scatter must be 'auto', 'native' or 'all_to_all', got "
+                             f"{reduce_scatter!r}")
+        backend = str(dist.get_backend(process_group))
+        self._all_to_all = (reduce_scatter == "all_to_all"
+                            or (reduce_scatter == "auto" and backend == "gloo"))
+        self._rank, self._world = _group_rank_size(process_group)
+        self._comm_dtype = comm_dtype
+        self._steps = 0
+        self._block_size = int(block_size)
+        self._refresh_every = int(refresh_every)
+        self._max_failures = int(max_consecutive_failures)
+        options = dict(beta=beta, eps=eps, form=form, refresh_every=refresh_every,
+                       dtype=self._np_dtype, tol=tol, bias_correction=bias_correction,
+                       max_consecutive_failures=max_consecutive_failures,
+                       fallback_eps=fallback_eps)
+        # Validates the options the way BlockEngine does, before anything is communicated.
+        BlockEngine([1], **options)
+        self._blocks = parameter_blocks([tuple(p.shape) for p in self._params], block_size)
+        sizes = [B for _, _, B in self._blocks]
+        self._sizes = sizes
+        self._config = {
+            "world_size": self._world,
+            "parameter shapes": [tuple(p.shape) for p in self._params],
+            "parameter dtype": str(self._dtype),
+            "block_size": self._block_size,
+            "refresh_every": self._refresh_every,
+            "form": form,
+            "beta": repr(beta),
+            "eps": float(eps),
+            "tol": tol,
+            "bias_correction": bool(bias_correction),
+            "max_consecutive_failures": int(max_consecutive_failures),
+            "fallback_eps": float(fallback_eps),
+            "comm_dtype": str(comm_dtype),
+            "cost": cost,
+            "reduce_scatter": "all_to_all" if self._all_to_all else "native",
+        }
+        self._check_same_config()
+        self.assignment: Assignment = assign_blocks(
+            sizes, self._world, cost=cost, refresh_every=self._refresh_every,
+            itemsize=np.dtype(self._np_dtype).itemsize)
+        self._owned = list(self.assignment.blocks[self._rank])
+        self._own_sizes = [sizes[b] for b in self._owned]
+        self._n_own = sum(self._own_sizes)
+        self._L = max(max(self.assignment.sizes), 1)
+        self._engine: BlockEngine | None = None
+        if self._owned:
+            self._engine = BlockEngine(self._own_sizes, **options)
+            self._stagger_like_global()
+        # Where each entry of the flat parameter vector sits in the two communication buffers.
+        L, W = self._L, self._world
+        rs = np.empty(sum(sizes), dtype=np.int64)
+        ag = np.empty(sum(sizes), dtype=np.int64)
+        own_lr_group = []
+        for r in range(W):
+            local = 0
+            for b in self.assignment.blocks[r]:
+                _, off, B = self._blocks[b]
+                rs[off:off + B] = r * (L + 1) + local + np.arange(B)
+                ag[off:off + B] = r * (L + 1) + local + np.arange(B)
+                local += B
+                if r == self._rank:
+                    own_lr_group.append(np.full(B, group_of[self._blocks[b][0]], dtype=np.int64))
+        self._pos_rs = torch.from_numpy(rs)
+        self._pos_ag = torch.from_numpy(ag)
+        self._own_group = (np.concatenate(own_lr_group) if own_lr_group
+                           else np.zeros(0, dtype=np.int64))
+        self._numels = [p.numel() for p in self._params]
+        if sync_parameters and self._world > 1:
+            self._broadcast_parameters()
+
+    # ---------------------------------------------------------------- construction helpers
+    def _collective(self, name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # gloo raises RuntimeError subclasses; name what failed
+            raise DistributedError(
+                f"rank {self._rank}: the {name} at step {self._steps} failed; a rank has died, "
+                f"was not reached or did not answer within the process group's timeout "
+                f"({type(e).__name__}: {e})", self._steps, name) from e
+
+    def _check_same_config(self) -> None:
+        configs: list[Any] = [None] * self._world
+        self._collective("configuration check (all_gather_object)",
+                         lambda: dist.all_gather_object(configs, self._config, group=self._group))
+        for key in self._config:
+            values = [c.get(key) if isinstance(c, dict) else None for c in configs]
+            if any(v != values[0] for v in values):
+                where = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+                raise ValueError(f"the ranks' configurations differ in {key}: {where}")
+
+    def _stagger_like_global(self) -> None:
+        eng = self._engine._engine
+        updates, product, data, scalars = eng.save()
+        recs = split_block_states((updates, product, data, scalars), self._own_sizes,
+                                  self._refresh_every)
+        for rec, b, B in zip(recs, self._owned, self._own_sizes):
+            set_stagger(rec, B, self._refresh_every, b)
+        d, s = join_block_states(recs, self._own_sizes, self._refresh_every, self._np_dtype)
+        eng.load(updates, product, d, s)
+
+    def _broadcast_parameters(self) -> None:
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in self._params])
+            self._collective("parameter broadcast",
+                             lambda: dist.broadcast(flat, src=dist.get_global_rank(
+                                 self._group, 0) if self._group is not None else 0,
+                                 group=self._group))
+            self._unflatten_into(flat, assign=True)
+
+    def _unflatten_into(self, flat: torch.Tensor, assign: bool) -> None:
+        for p, piece in zip(self._params, torch.split(flat, self._numels)):
+            if assign:
+                p.copy_(piece.view_as(p))
+            else:
+                p.sub_(piece.view_as(p))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def owned_blocks(self) -> list[int]:
+        """The global indices of the blocks this rank owns."""
+        return list(self._owned)
+
+    @property
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """(parameter index, flat offset, size) of every block, as :func:`parameter_blocks`."""
+        return list(self._blocks)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of this rank's block state (its engine), without parameters and gradients."""
+        return 0 if self._engine is None else self._engine.memory_bytes
+
+    def communication_bytes(self) -> dict[str, int]:
+        """Bytes one rank sends per step in ring collectives: ``reduce_scatter`` and
+        ``all_gather`` (W - 1)(L + 1) c each, their ``total``, and ``ddp_allreduce``, the
+        2 (W - 1) D / W c of DDP's ring all-reduce of the same gradients, for comparison."""
+        W, L = self._world, self._L
+        c = torch.empty(0, dtype=self._comm_dtype).element_size()
+        D = sum(self._sizes)
+        rs, ag = (W - 1) * (L + 1) * c, (W - 1) * (L + 1) * c
+        return {"reduce_scatter": rs, "all_gather": ag, "total": rs + ag,
+                "ddp_allreduce": int(round(2 * (W - 1) * D / W * c))}
+
+    # ---------------------------------------------------------------- the step
+    def _flat_gradients(self) -> torch.Tensor:
+        pieces = []
+        for i, p in enumerate(self._params):
+            if p.grad is None:
+                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) has no gradient on "
+                                 f"rank {self._rank}; every rank needs a gradient for every "
+                                 f"parameter of ShardedRMSProp")
+            if p.grad.is_sparse:
+                raise ValueError(f"parameter {i} has a sparse gradient; not supported")
+            g = p.grad.detach().reshape(-1)
+            if not bool(torch.isfinite(g).all()):
+                bad = int(torch.nonzero(~torch.isfinite(g))[0, 0])
+                raise ValueError(f"rank {self._rank}: the gradient of parameter {i} (shape "
+                                 f"{tuple(p.shape)}) is non-finite at flat entry {bad} "
+                                 f"({float(g[bad])})")
+            pieces.append(g)
+        return torch.cat(pieces)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step on every rank (collective: all ranks must call it).
+
+        Returns:
+            The closure's loss on this rank (None without a closure).
+
+        Raises:
+            DistributedStepError: the step failed on some rank (same error on every rank;
+                nothing changed anywhere).
+            DistributedError: a collective failed (a rank died or timed out); nothing changed
+                on this rank.
+        """
+        loss, failure = None, None
+        W, L, comm = self._world, self._L, self._comm_dtype
+        # Both buffers carry one status entry per rank segment after the L payload entries.
+        send = torch.zeros(W * (L + 1), dtype=comm)
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            flat = self._flat_gradients()
+            send[self._pos_rs] = flat.to(comm)
+        except Exception as e:
+            failure = e
+            send.zero_()
+            send.view(W, L + 1)[:, L] = 1
+        if self._all_to_all:
+            # gloo's reduce-scatter moves an all-reduce's bytes (measured); an all-to-all sends
+            # each segment to its owner only, (W - 1)(L + 1) c bytes per rank like a ring
+            # reduce-scatter, and the owner sums the W pieces in rank order, in float32 or wider.
+            pieces = torch.empty(W * (L + 1), dtype=comm)
+            self._collective("gradient all-to-all (reduce-scatter)",
+                             lambda: dist.all_to_all_single(pieces, send, group=self._group))
+            rows = pieces.view(W, L + 1)
+            acc_dtype = torch.float64 if comm == torch.float64 else torch.float32
+            recv = rows[0].to(acc_dtype)
+            for r in range(1, W):
+                recv = recv + rows[r].to(acc_dtype)
+        else:
+            recv = torch.empty(L + 1, dtype=comm)
+            rs_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            self._collective("gradient reduce-scatter",
+                             lambda: rs_fn(recv, send, group=self._group))
+        # recv[L] sums every rank's status: all ranks know alike whether one failed before
+        # the reduce-scatter, and then none of them touches its engine.
+        early = bool(recv[L] != 0)
+        update = torch.zeros(L + 1, dtype=comm)
+        saved = None
+        if not early and self._engine is not None:
+            try:
+                g = (recv[:self._n_own].to(self._dtype) / W).numpy()
+                lrs = np.array([grp["lr"] for grp in self.param_groups], dtype=self._np_dtype)
+                if self._risky(g, lrs):
+                    saved = self._engine._engine.save()
+                d = self._engine.update_direction(g)
+                u = torch.from_numpy(d * lrs[self._own_group])
+                if not bool(torch.isfinite(u).all()):
+                    raise _core.NumericalError(f"rank {self._rank}: the update of its blocks is "
+                                               f"non-finite")
+                update[:self._n_own] = u.to(comm)
+                if not bool(torch.isfinite(update[:self._n_own]).all()):
+                    raise _core.NumericalError(f"rank {self._rank}: the update overflows "
+                                               f"comm_dtype {comm}")
+            except Exception as e:
+                failure = e
+        if early:
+            self._fail(failure, None)
+        update[L] = 0 if failure is None else 1
+        gathered = torch.empty(W * (L + 1), dtype=comm)
+        ag_fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        try:
+            self._collective("update all-gather", lambda: ag_fn(gathered, update, group=self._group))
+        except DistributedError:
+            self._restore(saved)
+            raise
+        status = gathered.view(W, L + 1)[:, L]
+        if bool((status != 0).any()):
+            self._fail(failure, saved)
+        with torch.no_grad():
+            self._unflatten_into(gathered[self._pos_ag].to(self._dtype), assign=False)
+        self._steps += 1
+        return loss
+
+    def _risky(self, g: np.ndarray, lrs: np.ndarray) -> bool:
+        """Whether the engine call of this step could fail after committing on another rank,
+        so that this rank must be able to restore its state. The call fails only (a) when a
+        block that already failed max_consecutive_failures - 1 refactorisations in a row fails
+        again, or (b) by overflow, impossible when |lr A g| <= lr |g|_2 / sqrt(eps) (inv_sqrt)
+        or lr |g|_2 / eps (adam) is far below the largest float of the engine and comm_dtype.
+        Copying the state every step would cost as much as the step; this keeps it to steps at
+        risk."""
+        stats = self._engine._engine.statistics()
+        if max(stats["consecutive_failures"], default=0) >= self._max_failures - 1:
+            return True
+        eps = self._config["eps"]
+        gain = eps ** -0.5 if self._config["form"] == "inv_sqrt" else 1.0 / eps
+        bound = float(np.linalg.norm(g.astype(np.float64))) * gain * float(lrs.max(initial=0.0))
+        limit = min(float(torch.finfo(self._comm_dtype).max), float(np.finfo(self._np_dtype).max))
+        return not bound < 1e-3 * limit
+
+    def _fail(self, failure: BaseException | None, saved: Any) -> None:
+        """Restores this rank's state and raises the same DistributedStepError on every rank."""
+        self._restore(saved)
+        W = self._world
+        mine = None if failure is None else (type(failure).__name__, str(failure))
+        everyone: list[Any] = [None] * W
+        self._collective("failure report (all_gather_object)",
+                         lambda: dist.all_gather_object(everyone, mine, group=self._group))
+        failures = [(r, f[0], f[1]) for r, f in enumerate(everyone) if f is not None]
+        text = "; ".join(f"rank {r}: {t}: {m}" for r, t, m in failures)
+        raise DistributedStepError(
+            f"step {self._steps} failed on {len(failures)} of {W} ranks, no rank changed its "
+            f"parameters or optimizer state: {text}", failures) from failure
+
+    def _restore(self, saved: Any) -> None:
+        if saved is not None and self._engine is not None:
+            self._engine._engine.load(*saved)
+
+    # ---------------------------------------------------------------- state
+    def _header(self) -> dict[str, Any]:
+        return {
+            "kind": "ShardedRMSProp",
+            "version": STATE_VERSION,
+            "block_sizes": list(self._sizes),
+            "parameter shapes": [tuple(p.shape) for p in self._params],
+            "refresh_every": self._refresh_every,
+            "dtype": str(self._dtype),
+            "form": self._config["form"],
+            "eps": self._config["eps"],
+            "beta": self._config["beta"],
+            "steps": self._steps,
+            "lr": [g["lr"] for g in self.param_groups],
+            "world_size": self._world,
+        }
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """This rank's shard: the header (configuration, steps, lrs, the saving world size) and
+        ``blocks``, {global block index: {"data", "scalars"} tensors} for the blocks it owns,
+        with ``updates`` and ``beta_product`` (the same on every rank that owns a block)."""
+        out = self._header()
+        out["blocks"] = {}
+        out["updates"], out["beta_product"] = None, None
+        if self._engine is not None:
+            raw = self._engine._engine.save()
+            out["updates"], out["beta_product"] = int(raw[0]), float(raw[1])
+            recs = split_block_states(raw, self._own_sizes, self._refresh_every)
+            out["blocks"] = {b: {k: torch.from_numpy(v) for k, v in r.items()}
+                             for b, r in zip(self._owned, recs)}
+        return out
+
+    def consolidated_state_dict(self, to: int = 0) -> dict[str, Any] | None:
+        """All shards merged on rank ``to`` of the group (None on the others); collective.
+
+        Raises:
+            DistributedError: the gather failed.
+        """
+        mine = self.state_dict()
+        shards: list[Any] | None = [None] * self._world if self._rank == to else None
+        dst = dist.get_global_rank(self._group, to) if self._group is not None else to
+        self._collective("state gather (gather_object)",
+                         lambda: dist.gather_object(mine, shards, dst=dst, group=self._group))
+        if shards is None:
+            return None
+        full = dict(mine)
+        full["blocks"] = {}
+        for s in shards:
+            full["blocks"].update(s["blocks"])
+            if s["updates"] is not None:
+                full["updates"], full["beta_product"] = s["updates"], s["beta_product"]
+        return full
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        """Loads a consolidated state, or any state holding at least this rank's blocks, saved
+        at any world size; collective (the ranks agree that every one of them loaded).
+
+        Raises:
+            ValueError: on every rank, naming the field and the rank, for a state of another
+                configuration (block sizes, parameter shapes, refresh_every, dtype, form, eps,
+                beta) or missing blocks; nothing is loaded on any rank.
+        """
+        error = None
+        try:
+            self._load_local(state)
+        except Exception as e:
+            error = f"rank {self._rank}: {type(e).__name__}: {e}"
+        errors: list[Any] = [None] * self._world
+        self._collective("load agreement (all_gather_object)",
+                         lambda: dist.all_gather_object(errors, error, group=self._group))
+        if any(e is not None for e in errors):
+            self._pending = None
+            raise ValueError("load_state_dict failed, nothing loaded: "
+                             + "; ".join(e for e in errors if e is not None))
+        if self._pending is not None:
+            self._pending()
+        self._pending = None
+
+    _pending: Callable[[], None] | None = None
+
+    def _load_local(self, state: dict[str, Any]) -> None:
+        """Checks a state against this rank and prepares (in ``_pending``) the commit."""
+        self._pending = None
+        if not isinstance(state, dict) or state.get("kind") != "ShardedRMSProp":
+            raise ValueError("the state is not a ShardedRMSProp state_dict")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported state version {state.get('version')!r}")
+        mine = self._header()
+        for key in ("block_sizes", "parameter shapes", "refresh_every", "dtype", "form", "eps",
+                    "beta"):
+            theirs = state.get(key)
+            if key in ("block_sizes", "parameter shapes") and theirs is not None:
+                theirs = [tuple(x) if isinstance(x, (list, tuple)) else x for x in theirs]
+                ours = [tuple(x) if isinstance(x, (list, tuple)) else x for x in mine[key]]
+            else:
+                ours = mine[key]
+            if theirs != ours:
+                raise ValueError(f"the state's {key} is {state.get(key)!r}, this optimizer's "
+                                 f"is {mine[key]!r}")
+        if len(state.get("lr", [])) != len(self.param_groups):
+            raise ValueError(f"the state has {len(state.get('lr', []))} param groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        blocks = state.get("blocks", {})
+        missing = [b for b in self._owned if b not in blocks]
+        if missing:
+            raise ValueError(f"the state lacks blocks {missing[:8]} owned by rank {self._rank} "
+                             f"(a shard of another rank? load the consolidated state)")
+        loaded = None
+        if self._engine is not None:
+            recs = [{k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v)
+                     for k, v in blocks[b].items()} for b in self._owned]
+            data, scalars = join_block_states(recs, self._own_sizes, self._refresh_every,
+                                              self._np_dtype)
+            updates, product = int(state["updates"]), float(state["beta_product"])
+            # Check in a scratch engine so that a bad state leaves ours untouched.
+            probe = self._engine._engine.save()
+            self._engine._engine.load(updates, product, data, scalars)
+            loaded = self._engine._engine.save()
+            self._engine._engine.load(*probe)
+        lrs, steps = list(state["lr"]), int(state["steps"])
+
+        def commit() -> None:
+            if loaded is not None:
+                self._engine._engine.load(*loaded)
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
+            self._steps = steps
+
+        self._pending = commit
+
+    def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None,
+                        to: int = 0) -> None:
+        """Gathers the state to rank ``to``, which writes ``{"optimizer": state, **extra}`` with
+        torch.save atomically (:func:`saddlescape.sharding.atomic_write`); collective, and every
+        rank raises if the write failed. ``extra`` (e.g. ``{"model": model.state_dict()}``) is
+        taken from rank ``to``.
+
+        Raises:
+            RuntimeError: on every rank, if rank ``to`` could not write (naming the error); the
+                previous file at ``path`` is then intact.
+            DistributedError: a collective failed.
+        """
+        full = self.consolidated_state_dict(to)
+        error = None
+        if full is not None:
+            payload = {"optimizer": full, **(extra or {})}
+            try:
+                atomic_write(path, lambda f: torch.save(payload, f))
+            except Exception as e:
+                error = f"rank {self._rank} could not write {os.fspath(path)!r}: {type(e).__name__}: {e}"
+        errors: list[Any] = [None] * self._world
+        self._collective("checkpoint agreement (all_gather_object)",
+                         lambda: dist.all_gather_object(errors, error, group=self._group))
+        bad = [e for e in errors if e is not None]
+        if bad:
+            raise RuntimeError("; ".join(bad))
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Loads a file of :meth:`save_checkpoint` (any saving world size) on every rank and
+        returns its payload (e.g. ``payload["model"]``); collective.
+
+        Raises:
+            ValueError: as :meth:`load_state_dict`, or the file cannot be read (on every rank).
+        """
+        error, payload = None, None
+        try:
+            with open(path, "rb") as f:
+                payload = torch.load(io.BytesIO(f.read()), weights_only=True)
+        except Exception as e:
+            error = f"rank {self._rank} could not read {os.fspath(path)!r}: {type(e).__name__}: {e}"
+        errors: list[Any] = [None] * self._world
+        self._collective("checkpoint read agreement (all_gather_object)",
+                         lambda: dist.all_gather_object(errors, error, group=self._group))
+        bad = [e for e in errors if e is not None]
+        if bad:
+            raise ValueError("; ".join(bad))
+        self.load_state_dict(payload["optimizer"])
+        return payload
+
