@@ -567,13 +567,10 @@ class ShardedRMSProp(torch.optim.Optimizer):
             self._load_local(state)
         except Exception as e:
             error = f"rank {self._rank}: {type(e).__name__}: {e}"
-        errors: list[Any] = [None] * self._world
-        self._collective("load agreement (all_gather_object)",
-                         lambda: dist.all_gather_object(errors, error, group=self._group))
-        if any(e is not None for e in errors):
+        bad = self._gather_errors("load agreement", error)
+        if bad:
             self._pending = None
-            raise ValueError("load_state_dict failed, nothing loaded: "
-                             + "; ".join(e for e in errors if e is not None))
+            raise ValueError("load_state_dict failed, nothing loaded: " + bad)
         if self._pending is not None:
             self._pending()
         self._pending = None
@@ -630,6 +627,14 @@ class ShardedRMSProp(torch.optim.Optimizer):
 
         self._pending = commit
 
+    def _gather_errors(self, what: str, error: str | None) -> str:
+        """Every rank's error message (None where it succeeded), so that all ranks raise the same
+        error together; collective. Returns them joined, or "" when every rank succeeded."""
+        errors: list[Any] = [None] * self._world
+        self._collective(f"{what} (all_gather_object)",
+                         lambda: dist.all_gather_object(errors, error, group=self._group))
+        return "; ".join(e for e in errors if e is not None)
+
     def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None,
                         to: int = 0) -> None:
         """Gathers the state to rank ``to``, which writes ``{"optimizer": state, **extra}`` with
@@ -650,12 +655,9 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 atomic_write(path, lambda f: torch.save(payload, f))
             except Exception as e:
                 error = f"rank {self._rank} could not write {os.fspath(path)!r}: {type(e).__name__}: {e}"
-        errors: list[Any] = [None] * self._world
-        self._collective("checkpoint agreement (all_gather_object)",
-                         lambda: dist.all_gather_object(errors, error, group=self._group))
-        bad = [e for e in errors if e is not None]
+        bad = self._gather_errors("checkpoint agreement", error)
         if bad:
-            raise RuntimeError("; ".join(bad))
+            raise RuntimeError(bad)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Loads a file of :meth:`save_checkpoint` (any saving world size) on every rank and
@@ -670,12 +672,9 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 payload = torch.load(io.BytesIO(f.read()), weights_only=True)
         except Exception as e:
             error = f"rank {self._rank} could not read {os.fspath(path)!r}: {type(e).__name__}: {e}"
-        errors: list[Any] = [None] * self._world
-        self._collective("checkpoint read agreement (all_gather_object)",
-                         lambda: dist.all_gather_object(errors, error, group=self._group))
-        bad = [e for e in errors if e is not None]
+        bad = self._gather_errors("checkpoint read agreement", error)
         if bad:
-            raise ValueError("; ".join(bad))
+            raise ValueError(bad)
         self.load_state_dict(payload["optimizer"])
         return payload
 
