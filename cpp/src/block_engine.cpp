@@ -181,6 +181,12 @@ index_t block_engine<T>::estimate_size() const noexcept {
 }
 
 template <class T>
+void block_engine<T>::set_beta(schedule_ptr beta) {
+  SADDLESCAPE_EXPECTS(beta != nullptr, "block_engine: beta must be a schedule");
+  beta_ = std::move(beta);
+}
+
+template <class T>
 std::vector<double> block_engine<T>::betas_for(index_t k) const {
   std::vector<double> b(static_cast<std::size_t>(k));
   for (index_t i = 0; i < k; ++i) b[i] = beta_value(*beta_, updates_ + i);

@@ -222,6 +222,16 @@ class BlockEngine:
             raise ValueError(f"x must be a numpy array (updated in place), got {type(x).__name__}")
         self._engine.step(x, self._vector("g", g), real("lr", lr))
 
+    def set_beta(self, beta: float | Schedule) -> None:
+        """Use ``beta`` (a number in [0, 1) or a schedule of the update count) for the updates
+        to come, e.g. each step's 1 - C lr_t^(2/3) under a changing step size. The beta is
+        configuration, not state: :meth:`state_dict` does not save it."""
+        schedule = as_schedule("beta", beta)
+        if not isinstance(beta, Schedule) and not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        self._engine.set_beta(schedule)
+        self.beta = schedule
+
     def refresh(self, block: int | None = None, warm: bool = True) -> None:
         """Refactor one block (or all, block=None) now; the estimate itself does not change."""
         self._engine.refresh(-1 if block is None else integer("block", block), bool(warm))

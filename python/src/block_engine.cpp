@@ -132,6 +132,13 @@ void bind_engine(py::module_& m, const char* name) {
           },
           py::arg("block"), py::arg("warm"))
       .def(
+          "set_beta",
+          [](E& e, std::shared_ptr<schedule> beta) {
+            std::lock_guard<std::mutex> lock(e.mutex);
+            e.engine.set_beta(std::move(beta));
+          },
+          py::arg("beta"))
+      .def(
           "inject_refresh_failures",
           [](E& e, index_t block, std::int64_t attempts, int stages) {
             std::lock_guard<std::mutex> lock(e.mutex);

@@ -534,3 +534,28 @@ def test_fallback_results_do_not_depend_on_thread_count():
                                    capture_output=True, text=True, timeout=120).stdout)
     assert outs[0] == outs[1]
     assert "[0, 0, 0, 2," in outs[0]
+
+
+def test_set_beta_applies_to_later_updates_only():
+    """A beta changed between updates (beta following a scheduled lr) weights only the updates
+    after it, against the float64 recursion; a bad beta is refused and changes nothing."""
+    rng = np.random.default_rng(7)
+    gs = rng.standard_normal((4, 5)) * np.array([1e3, 1.0, 1e-3, 2.0, 0.5])
+    engine = BlockEngine([3, 2], beta=0.9, dtype=np.float64, refresh_every=2)
+    reference = [np.zeros((3, 3)), np.zeros((2, 2))]
+    for g, beta in zip(gs, (0.9, 0.5, 0.99, 0.0)):
+        engine.set_beta(beta)
+        engine.update(g)
+        for b, (lo, hi) in enumerate(((0, 3), (3, 5))):
+            reference[b] = beta * reference[b] + (1 - beta) * np.outer(g[lo:hi], g[lo:hi])
+    for got, want in zip(engine.estimate(), reference):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    before = engine.state_dict()
+    with pytest.raises(ValueError, match="1.5"):
+        engine.set_beta(1.5)
+    engine.update(gs[0])
+    after = BlockEngine([3, 2], beta=0.0, dtype=np.float64, refresh_every=2)
+    after.load_state_dict(before)
+    after.update(gs[0])  # the engine still uses beta = 0.0, not the refused 1.5
+    for x, y in zip(engine.estimate(), after.estimate()):
+        np.testing.assert_array_equal(x, y)

@@ -119,6 +119,11 @@ class block_engine {
   const std::vector<index_t>& block_offsets() const noexcept { return offsets_; }
   const block_engine_options& options() const noexcept { return opts_; }
   const schedule_ptr& beta() const noexcept { return beta_; }
+  /// Replaces the beta schedule for the updates to come (still evaluated at the update count):
+  /// callers whose beta follows a changing step size (beta_t = 1 - C lr_t^(2/3) under an LR
+  /// scheduler) set it before each update. The schedule is not part of the saved state.
+  /// @throws invalid_argument for a null schedule.
+  void set_beta(schedule_ptr beta);
   /// EMA updates so far (a rank-k update counts k).
   std::int64_t updates() const noexcept { return updates_; }
   /// Bytes the engine allocates (estimates, eigenbases, gradient history, refresh buffers).
