@@ -541,7 +541,7 @@ def test_set_beta_applies_to_later_updates_only():
     after it, against the float64 recursion; a bad beta is refused and changes nothing."""
     rng = np.random.default_rng(7)
     gs = rng.standard_normal((4, 5)) * np.array([1e3, 1.0, 1e-3, 2.0, 0.5])
-    engine = BlockEngine([3, 2], beta=0.9, dtype=np.float64, refresh_every=2)
+    engine = ss.BlockEngine([3, 2], beta=0.9, dtype=np.float64, refresh_every=2)
     reference = [np.zeros((3, 3)), np.zeros((2, 2))]
     for g, beta in zip(gs, (0.9, 0.5, 0.99, 0.0)):
         engine.set_beta(beta)
@@ -554,7 +554,7 @@ def test_set_beta_applies_to_later_updates_only():
     with pytest.raises(ValueError, match="1.5"):
         engine.set_beta(1.5)
     engine.update(gs[0])
-    after = BlockEngine([3, 2], beta=0.0, dtype=np.float64, refresh_every=2)
+    after = ss.BlockEngine([3, 2], beta=0.0, dtype=np.float64, refresh_every=2)
     after.load_state_dict(before)
     after.update(gs[0])  # the engine still uses beta = 0.0, not the refused 1.5
     for x, y in zip(engine.estimate(), after.estimate()):
