@@ -1,0 +1,810 @@
+"""The paper's optimizers as ``torch.optim.Optimizer`` subclasses.
+
+:class:`RMSProp` and :class:`Adam` precondition a model's gradients with the EMA estimate G of
+E[g g^T], as the numpy-level :class:`saddlescape.RMSProp` / :class:`saddlescape.Adam` do on one
+flat vector, with the conventions of ``torch.optim``: param groups with their own options,
+``step(closure)`` returning the loss, ``zero_grad``, ``state_dict`` / ``load_state_dict``, and any
+``torch.optim.lr_scheduler`` (the lr is read from the group at every step).
+
+Per parameter tensor p with gradient g (weight decay first, as torch's: g <- g + wd p):
+
+* ``structure="diag"``: v <- beta v + (1 - beta) g^2 elementwise, p <- p - lr g / den(v),
+  den = sqrt(v + eps) (``form="inv_sqrt"``, the paper's (G + eps I)^(-1/2)) or sqrt(v) + eps
+  (``form="adam"``, what torch.optim.RMSprop computes). On CPU one fused C++ pass per group over
+  the tensors' own memory; on CUDA torch operations.
+* ``structure="block"``: p is flattened and cut into consecutive blocks of at most
+  ``block_size`` entries (:func:`saddlescape.partition`; a tensor with fewer entries, a bias say,
+  is one block of its own size; blocks never span two tensors). Each block keeps the full matrix
+  G_b <- beta G_b + (1 - beta) g_b g_b^T and takes the exact step
+  p_b <- p_b - lr (G_b + eps I)^(-1/2) g_b (or (G_b^(1/2) + eps I)^(-1) g_b) at every step,
+  through one :class:`saddlescape.BlockEngine` per tensor (eigendecompositions staggered over
+  ``refresh_every`` updates, the updates since applied exactly; see :mod:`saddlescape.blocks`).
+  CPU only; :meth:`RMSProp.partition` lists the blocks.
+* ``structure="full"``: one block over all the parameters of a group, concatenated in the
+  group's order (small models: it stores (sum of numel)^2 entries). Every parameter of the
+  group must have a gradient when any has (the matrix couples them all).
+
+Counting. Each parameter counts its own steps: ``burn_in = W`` makes a parameter's first W
+steps update its estimate only (Algorithm 3). ``beta="auto"`` (with ``C``) uses
+beta_t = 1 - C lr_t^(2/3) at each step, lr_t the group's lr at that call of ``step()``, so the
+paper's beta-lr coupling (Theorem 4.1, Sec. 5.4) follows any scheduler; it must lie in [0, 1).
+``bias_correction=True`` divides the estimate by 1 - prod_t beta_t.
+
+Dtypes. Parameters must be float32 or float64 (float16/bfloat16 and complex are refused with a
+TypeError naming them), on one device per optimizer. The estimate's dtype is ``dtype`` (default:
+the parameter's); float32 and float64 parameters with estimates of their own dtype are read and
+updated in place without copies.
+
+Errors. A gradient with a NaN or Inf, or whose square would overflow, raises ValueError naming
+the parameter before anything has changed, in any group. A sparse gradient is a TypeError. A
+block whose refactorisations keep failing follows the fallback policy of
+:mod:`saddlescape.blocks` and finally raises :class:`saddlescape.NumericalError` naming the
+parameter and block; parameters earlier in that step have then taken their step, the failing
+one and those after it have not.
+
+Equality with the numpy-level optimizers: on the same gradients, structure "diag" in float64
+equals :class:`saddlescape.RMSProp` / :class:`saddlescape.Adam` with structure "diag" bit for bit
+on CPU; "block" equals ``saddlescape.RMSProp(structure="block", solver="lowrank")`` over the
+same block sizes bit for bit for one tensor, and to the engine's ``tol`` for several (each
+tensor's engine staggers its own refreshes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from saddlescape import _core
+from saddlescape._validation import choice, integer, real
+from saddlescape.blocks import BlockEngine, partition
+
+__all__ = ["Adam", "RMSProp", "SaddleEscape"]
+
+_STRUCTURES = ("block", "diag", "full")
+_FORMS = ("inv_sqrt", "adam")
+_SOLVERS = ("lowrank",)
+_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# Options that shape a parameter's state: fixed once the state exists.
+_BUILT = ("structure", "form", "block_size", "refresh_every", "solver", "dtype", "tol",
+          "max_consecutive_failures", "fallback_eps", "bias_correction")
+_STATE_VERSION = 1
+
+
+def _beta_value(name: str, beta: Any, C: float, lr: float) -> float:
+    """The beta of one step: a constant, or 1 - C lr^(2/3) for "auto"."""
+    if isinstance(beta, str):
+        b = 1.0 - C * lr ** (2.0 / 3.0)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name}='auto' gives 1 - C lr^(2/3) = {b!r} with C = {C!r} and "
+                             f"lr = {lr!r}; it must lie in [0, 1) (lower C or lr)")
+        return b
+    return float(beta)
+
+
+def _check_beta(name: str, beta: Any) -> Any:
+    if isinstance(beta, str):
+        if beta != "auto":
+            raise ValueError(f"{name} must be a number in [0, 1) or 'auto', got {beta!r}")
+        return beta
+    b = real(name, beta)
+    if not 0.0 <= b < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) or 'auto', got {beta!r}")
+    return b
+
+
+def _nonneg(name: str, value: Any) -> float:
+    v = real(name, value.item() if isinstance(value, torch.Tensor) else value)
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return v
+
+
+def _grad_check(name: str, g: torch.Tensor, a: float) -> None:
+    """g finite and (1 - beta) g^2 finite, else a ValueError naming the parameter."""
+    top = float(g.abs().max()) if g.numel() else 0.0
+    if not math.isfinite(top):
+        bad = (~torch.isfinite(g)).nonzero()[0].tolist()
+        raise ValueError(f"the gradient of {name} has a non-finite entry {g[tuple(bad)].item()!r} "
+                         f"at index {tuple(bad)}; nothing was changed")
+    if not math.isfinite(a * top * top):
+        raise ValueError(f"the gradient of {name} has an entry {top!r} whose square overflows; "
+                         f"nothing was changed")
+
+
+class _Preconditioned(torch.optim.Optimizer):
+    """The machinery RMSProp and Adam share: validation, per-parameter state, the engines, the
+    state dict, statistics and the partition."""
+
+    _adam = False
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._validate(defaults, "the defaults")
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- groups and validation
+    def _validate(self, group: dict[str, Any], where: str) -> None:
+        group["lr"] = _nonneg(f"lr ({where})", group["lr"])
+        if self._adam:
+            betas = group["betas"]
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise ValueError(f"betas ({where}) must be a pair (beta1, beta2), got {betas!r}")
+            group["betas"] = (_check_beta(f"beta1 ({where})", betas[0]),
+                              _check_beta(f"beta2 ({where})", betas[1]))
+            if isinstance(group["betas"][0], str):
+                raise ValueError(f"beta1 ({where}) must be a number in [0, 1), got 'auto'")
+        else:
+            group["beta"] = _check_beta(f"beta ({where})", group["beta"])
+            group["burn_in"] = integer(f"burn_in ({where})", group["burn_in"])
+            if group["burn_in"] < 0:
+                raise ValueError(f"burn_in ({where}) must be >= 0, got {group['burn_in']}")
+        C = real(f"C ({where})", group["C"])
+        if not (math.isfinite(C) and C > 0):
+            raise ValueError(f"C ({where}) must be finite and > 0, got {group['C']!r}")
+        eps = real(f"eps ({where})", group["eps"])
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps ({where}) must be finite and > 0, got {group['eps']!r}")
+        group["weight_decay"] = _nonneg(f"weight_decay ({where})", group["weight_decay"])
+        choice(f"structure ({where})", group["structure"], _STRUCTURES)
+        choice(f"form ({where})", group["form"], _FORMS)
+        choice(f"solver ({where})", group["solver"], _SOLVERS)
+        bs = integer(f"block_size ({where})", group["block_size"])
+        if bs < 1:
+            raise ValueError(f"block_size ({where}) must be >= 1, got {bs}")
+        re = integer(f"refresh_every ({where})", group["refresh_every"])
+        if not 1 <= re <= 256:
+            raise ValueError(f"refresh_every ({where}) must be in [1, 256], got {re}")
+        if group["dtype"] not in (None, torch.float32, torch.float64):
+            raise ValueError(f"dtype ({where}) must be None, torch.float32 or torch.float64, got "
+                             f"{group['dtype']!r}")
+        if group["tol"] is not None:
+            t = real(f"tol ({where})", group["tol"])
+            if not 1e-15 <= t < 1.0:
+                raise ValueError(f"tol ({where}) must be in [1e-15, 1), got {group['tol']!r}")
+        if integer(f"max_consecutive_failures ({where})", group["max_consecutive_failures"]) < 1:
+            raise ValueError(f"max_consecutive_failures ({where}) must be >= 1")
+        _nonneg(f"fallback_eps ({where})", group["fallback_eps"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        where = f"param group {len(self.param_groups)}"
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{where}: parameter {i} is a {type(p).__name__}, not a tensor")
+            if p.is_complex():
+                raise TypeError(f"{where}: parameter {i} is complex ({p.dtype}); saddlescape's "
+                                f"preconditioners are real")
+            if p.dtype not in _DTYPES:
+                raise TypeError(f"{where}: parameter {i} has dtype {p.dtype}; saddlescape.torch "
+                                f"takes float32 and float64 parameters (keep a float32 master "
+                                f"copy for half-precision training)")
+            if p.layout != torch.strided:
+                raise TypeError(f"{where}: parameter {i} has layout {p.layout}; only dense "
+                                f"parameters are supported")
+        devices = {p.device for g in self.param_groups for p in g["params"]} | {
+            p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"{where}: parameters on different devices in one optimizer: "
+                             f"{sorted(map(str, devices))}; use one optimizer per device")
+        group = dict(param_group)
+        group["params"] = params
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._validate(group, where)
+        if group["structure"] != "diag" and any(p.device.type != "cpu" for p in params):
+            raise ValueError(f"{where}: structure {group['structure']!r} runs on the CPU block "
+                             f"engine; parameters on {params[0].device} support structure "
+                             f"'diag' only in this version")
+        super().add_param_group(group)
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of every parameter that has a gradient; returns closure()'s loss (or None).
+
+        Raises:
+            ValueError: a non-finite gradient, an lr < 0, beta='auto' outside [0, 1) (nothing
+                has changed).
+            TypeError: a sparse gradient.
+            NumericalError: a block whose refactorisation failed max_consecutive_failures
+                times in a row (see the module docstring).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._advance()
+        return loss
+
+    def _advance(self, lr: float | None = None, observe: bool = False) -> None:
+        """Every group's step (lr overrides the groups' lr: SaddleEscape's large step;
+        observe: update the estimates only, SaddleEscape's hallucinated samples)."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            self._validate(group, f"param group {gi}")
+            rate = group["lr"] if lr is None else lr
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise TypeError(f"param group {gi}: sparse gradients are not supported")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"param group {gi}: a gradient of shape "
+                                     f"{tuple(p.grad.shape)} for a parameter of shape "
+                                     f"{tuple(p.shape)}")
+            if group["structure"] == "full" and len(params) != len(group["params"]):
+                missing = next(i for i, p in enumerate(group["params"]) if p.grad is None)
+                raise ValueError(f"param group {gi}: structure 'full' couples all of a group's "
+                                 f"parameters, but parameter {missing} has no gradient")
+            work.append((gi, group, params, rate, self._betas(group, rate)))
+        # Everything that can be refused is refused before anything changes, in every group.
+        for gi, group, params, rate, betas in work:
+            for p in params:
+                self._check_built(gi, group, p)
+                _grad_check(self._name(gi, group, p), p.grad, 1.0 - betas[-1])
+        for gi, group, params, rate, betas in work:
+            if group["structure"] == "diag":
+                self._diag(gi, group, params, rate, betas, observe)
+            elif group["structure"] == "block":
+                for p in params:
+                    self._block(gi, group, p, rate, betas, observe)
+            else:
+                self._full(gi, group, params, rate, betas, observe)
+
+    def _betas(self, group: dict[str, Any], lr: float) -> tuple[float, ...]:
+        if self._adam:
+            return (float(group["betas"][0]),
+                    _beta_value("beta2", group["betas"][1], float(group["C"]), group["lr"]))
+        return (_beta_value("beta", group["beta"], float(group["C"]), group["lr"]),)
+
+    def _name(self, gi: int, group: dict[str, Any], p: torch.Tensor) -> str:
+        i = next(k for k, q in enumerate(group["params"]) if q is p)
+        return f"parameter {i} of param group {gi} (shape {tuple(p.shape)})"
+
+    def _check_built(self, gi: int, group: dict[str, Any], p: torch.Tensor) -> None:
+        st = self.state.get(p)
+        if not st:
+            return
+        for key in _BUILT:
+            if st["options"][key] != group[key]:
+                raise ValueError(f"param group {gi}: {key} changed from {st['options'][key]!r} to "
+                                 f"{group[key]!r} after the state of its parameters was made; "
+                                 f"it cannot change during training")
+
+    def _estimate_dtype(self, group: dict[str, Any], p: torch.Tensor) -> torch.dtype:
+        return group["dtype"] if group["dtype"] is not None else p.dtype
+
+    def _new_state(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"options": {k: group[k] for k in _BUILT}, "steps": 0, "moves": 0,
+                "beta_product": 1.0}
+
+    def _weighted(self, group: dict[str, Any], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The gradient with weight decay, in the estimate's dtype (p.grad itself when no
+        change is needed: no copy)."""
+        g = p.grad
+        if group["weight_decay"]:
+            g = g.add(p, alpha=group["weight_decay"])
+        return g.to(dtype).contiguous()
+
+    def _moving(self, group: dict[str, Any], st: dict[str, Any], observe: bool) -> bool:
+        return not observe and st["steps"] >= group.get("burn_in", 0)
+
+    # ---------------------------------------------------------------- diag
+    def _diag(self, gi: int, group: dict[str, Any], params: list[torch.Tensor], lr: float,
+              betas: tuple[float, ...], observe: bool) -> None:
+        eps = float(group["eps"])
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st.update(self._new_state(group))
+                dt = self._estimate_dtype(group, p)
+                st["exp_avg_sq"] = torch.zeros(p.numel(), dtype=dt, device=p.device)
+                if self._adam:
+                    st["exp_avg"] = torch.zeros(p.numel(), dtype=dt, device=p.device)
+            b = betas[-1]
+            g = self._weighted(group, p, st["exp_avg_sq"].dtype).view(-1)
+            v = st["exp_avg_sq"]
+            move = self._moving(group, st, observe)
+            product = st["beta_product"] * b
+            v.mul_(b).addcmul_(g, g, value=1.0 - b)
+            v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
+            if move:
+                c = 1.0 / (1.0 - product) if (self._adam or group["bias_correction"]) else 1.0
+                if self._adam:
+                    m = st["exp_avg"]
+                    m.mul_(betas[0]).add_(g, alpha=1.0 - betas[0])
+                    num = m
+                    rate = lr / (1.0 - betas[0] ** (st["moves"] + 1))
+                else:
+                    num, rate = g, lr
+                s = v * c if c != 1.0 else v
+                den = (s + eps).sqrt_() if group["form"] == "inv_sqrt" else s.sqrt().add_(eps)
+                p.view(-1).addcdiv_(num.to(p.dtype), den.to(p.dtype), value=-rate)
+                st["moves"] += 1
+            st["beta_product"] = product
+            st["steps"] += 1
+
+    # ---------------------------------------------------------------- block and full
+    def _engine_for(self, group: dict[str, Any], sizes: list[int], dtype: torch.dtype,
+                    beta: float) -> BlockEngine:
+        return BlockEngine(sizes, beta=beta, eps=float(group["eps"]), form=group["form"],
+                           refresh_every=group["refresh_every"], dtype=_DTYPES[dtype],
+                           tol=group["tol"], bias_correction=bool(group["bias_correction"]) or self._adam,
+                           max_consecutive_failures=group["max_consecutive_failures"],
+                           fallback_eps=float(group["fallback_eps"]))
+
+    def _block(self, gi: int, group: dict[str, Any], p: torch.Tensor, lr: float,
+               betas: tuple[float, ...], observe: bool) -> None:
+        st = self.state[p]
+        fresh = not st
+        if fresh:
+            new = self._new_state(group)
+            dt = self._estimate_dtype(group, p)
+            new["engine"] = self._engine_for(group, partition(p.numel(), group["block_size"]), dt,
+                                             betas[-1])
+            if self._adam:
+                new["exp_avg"] = torch.zeros(p.numel(), dtype=dt)
+            st.update(new)
+        try:
+            self._engine_step(gi, group, [p], st, lr, betas, observe)
+        except BaseException:
+            if fresh:
+                del self.state[p]
+            raise
+
+    def _full(self, gi: int, group: dict[str, Any], params: list[torch.Tensor], lr: float,
+              betas: tuple[float, ...], observe: bool) -> None:
+        # The group's state lives with its first parameter.
+        head = params[0]
+        st = self.state[head]
+        fresh = not st
+        if fresh:
+            new = self._new_state(group)
+            dt = self._estimate_dtype(group, head)
+            n = sum(p.numel() for p in params)
+            new["engine"] = self._engine_for(group, [n], dt, betas[-1])
+            if self._adam:
+                new["exp_avg"] = torch.zeros(n, dtype=dt)
+            st.update(new)
+        try:
+            self._engine_step(gi, group, params, st, lr, betas, observe)
+        except BaseException:
+            if fresh:
+                del self.state[head]
+            raise
+
+    def _engine_step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor],
+                     st: dict[str, Any], lr: float, betas: tuple[float, ...], observe: bool) -> None:
+        engine: BlockEngine = st["engine"]
+        dt = torch.float64 if engine.dtype == np.float64 else torch.float32
+        engine.set_beta(betas[-1])
+        if len(params) == 1:
+            g = self._weighted(group, params[0], dt).view(-1)
+        else:
+            g = torch.cat([self._weighted(group, p, dt).view(-1) for p in params])
+        gn = g.numpy()
+        move = self._moving(group, st, observe)
+        try:
+            if not move:
+                engine.update(gn)
+            elif self._adam:
+                m = st["exp_avg"]
+                m_new = m * betas[0] + g * (1.0 - betas[0])
+                engine.update(gn)
+                m.copy_(m_new)
+                mhat = (m / (1.0 - betas[0] ** (st["moves"] + 1))).numpy()
+                self._apply(params, torch.from_numpy(engine.direction(mhat)), lr)
+            else:
+                p = params[0]
+                if len(params) == 1 and p.dtype == dt and p.is_contiguous():
+                    engine.step(p.detach().view(-1).numpy(), gn, lr)  # in place, no copies
+                else:
+                    self._apply(params, torch.from_numpy(engine.update_direction(gn)), lr)
+        except _core.NumericalError as e:
+            names = ", ".join(self._name(gi, group, p) for p in params)
+            raise _core.NumericalError(f"{names}: {e}") from e
+        if move:
+            st["moves"] += 1
+        st["steps"] += 1
+        st["beta_product"] *= betas[-1]
+
+    @staticmethod
+    def _apply(params: list[torch.Tensor], direction: torch.Tensor, lr: float) -> None:
+        if not bool(torch.isfinite(direction).all()):
+            raise _core.NumericalError("the preconditioned direction is not finite; the "
+                                       "parameters are unchanged")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.view(-1).add_(direction[offset:offset + n].to(p.dtype), alpha=-lr)
+            offset += n
+
+    # ---------------------------------------------------------------- introspection
+    def partition(self) -> list[dict[str, Any]]:
+        """How the parameters map to preconditioner blocks: one entry per parameter with
+        ``group``, ``index`` (in the group), ``shape``, ``numel``, ``structure`` and
+        ``block_sizes`` (diag: every entry its own 1 x 1 block, given as []; full: the group's
+        single block, listed on the group's first parameter and [] on the others)."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            total = sum(p.numel() for p in group["params"])
+            for i, p in enumerate(group["params"]):
+                s = group["structure"]
+                sizes = (partition(p.numel(), group["block_size"]) if s == "block" else
+                         [total] if s == "full" and i == 0 else [])
+                out.append({"group": gi, "index": i, "shape": tuple(p.shape), "numel": p.numel(),
+                            "structure": s, "block_sizes": sizes})
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        """Figures worth logging, as plain numbers: ``blocks`` (preconditioner blocks with a
+        state), ``lambda_min`` / ``lambda_max`` over them (of G at each block's last refresh;
+        for diag entries of v), ``condition_max`` and ``condition_median`` of
+        (lambda_max + eps) / (lambda_min + eps) per block (diag: over each tensor's entries),
+        and the totals ``refreshes``, ``failed_refreshes``, ``float64_retries``,
+        ``eps_retries``, ``kept_bases``; ``per_parameter`` has one dict per parameter with
+        a state (group, index, and its block lists)."""
+        lo, hi, cond = [], [], []
+        totals = dict.fromkeys(("refreshes", "failed_refreshes", "float64_retries", "eps_retries",
+                                "kept_bases"), 0)
+        per = []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st:
+                    continue
+                eps = float(group["eps"])
+                if "engine" in st:
+                    s = st["engine"].statistics()
+                    lo += s["lambda_min"]
+                    hi += s["lambda_max"]
+                    cond += s["condition"]
+                    for k in totals:
+                        totals[k] += s[f"total_{k}"]
+                    per.append({"group": gi, "index": i, "lambda_min": list(s["lambda_min"]),
+                                "lambda_max": list(s["lambda_max"]),
+                                "condition": list(s["condition"]),
+                                "refreshes": list(s["refreshes"]),
+                                "kept_bases": list(s["kept_bases"])})
+                else:
+                    v = st["exp_avg_sq"]
+                    a, b = float(v.min()), float(v.max())
+                    lo.append(a)
+                    hi.append(b)
+                    cond.append((b + eps) / (a + eps))
+                    per.append({"group": gi, "index": i, "lambda_min": [a], "lambda_max": [b],
+                                "condition": [cond[-1]]})
+        out: dict[str, Any] = {"blocks": sum(len(q["lambda_min"]) for q in per
+                                             if "refreshes" in q) or len(per)}
+        out["lambda_min"] = float(min(lo)) if lo else float("nan")
+        out["lambda_max"] = float(max(hi)) if hi else float("nan")
+        out["condition_max"] = float(max(cond)) if cond else float("nan")
+        out["condition_median"] = float(np.median(cond)) if cond else float("nan")
+        out.update({k: int(v) for k, v in totals.items()})
+        out["per_parameter"] = per
+        return out
+
+    def _inject_refresh_failures(self, param: torch.Tensor, block: int, attempts: int,
+                                 stages: int = 3) -> None:
+        """Test hook: the fallback policy's failure injection on one parameter's engine
+        (see :meth:`saddlescape.BlockEngine._inject_refresh_failures`)."""
+        st = self.state.get(param)
+        if not st or "engine" not in st:
+            raise ValueError("that parameter has no block engine yet (take a step first)")
+        st["engine"]._inject_refresh_failures(block, attempts, stages)
+
+    # ---------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout (``state`` keyed by parameter index, ``param_groups``), every
+        value a tensor or a plain Python value, so that ``torch.save`` / ``torch.load``
+        (``weights_only=True`` included) round-trip it; an engine is saved as its complete
+        state, so a fresh optimizer that loads it continues bit for bit."""
+        base = super().state_dict()
+        out = {}
+        for k, st in base["state"].items():
+            e = {key: (val.clone() if isinstance(val, torch.Tensor) else copy.deepcopy(val))
+                 for key, val in st.items() if key != "engine"}
+            e["options"] = _plain_options(st["options"])
+            if "engine" in st:
+                es = st["engine"].state_dict()
+                es["data"] = torch.from_numpy(np.array(es["data"]))
+                es["scalars"] = torch.from_numpy(np.array(es["scalars"]))
+                e["engine"] = es
+            out[k] = e
+        groups = []
+        for g in base["param_groups"]:
+            g = dict(g)
+            g["dtype"] = _dtype_name(g["dtype"])
+            groups.append(g)
+        return {"state": out, "param_groups": groups, "saddlescape": _STATE_VERSION,
+                "kind": type(self).__name__}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` of an optimizer of the same class over parameters of
+        the same shapes; the groups' options come from the saved dict. Tensors keep their
+        saved dtype (no cast to the parameter's, unlike torch.optim's default, so that float64
+        estimates of float32 parameters survive).
+
+        Raises:
+            ValueError: naming what does not match; nothing has changed then.
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("kind") != type(self).__name__:
+            raise ValueError(f"not a saddlescape.torch.{type(self).__name__} state_dict (its "
+                             f"kind is {state_dict.get('kind') if isinstance(state_dict, dict) else None!r})")
+        if state_dict.get("saddlescape") != _STATE_VERSION:
+            raise ValueError(f"unsupported state version {state_dict.get('saddlescape')!r}")
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"the state has {len(saved)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        by_id: dict[int, torch.Tensor] = {}
+        groups = []
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            if len(theirs["params"]) != len(mine["params"]):
+                raise ValueError(f"param group {gi} has {len(mine['params'])} parameters, the "
+                                 f"state's {len(theirs['params'])}")
+            g = {k: v for k, v in theirs.items() if k != "params"}
+            g["dtype"] = _dtype_from(g["dtype"])
+            g["params"] = mine["params"]
+            self._validate(g, f"the state's param group {gi}")
+            groups.append(g)
+            by_id.update(zip(theirs["params"], mine["params"]))
+        owner = {id(p): g for g in groups for p in g["params"]}
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        for k, st in state_dict["state"].items():
+            if k not in by_id:
+                raise ValueError(f"the state names parameter {k!r}, which no param group has")
+            p = by_id[k]
+            group = owner[id(p)]
+            new_state[p] = self._import(group, p, st, k)
+        self.state.clear()
+        self.state.update(new_state)
+        for mine, g in zip(self.param_groups, groups):
+            mine.clear()
+            mine.update(g)
+
+    def _import(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], k: Any) -> dict[str, Any]:
+        out = {key: (val.detach().clone().to(p.device) if isinstance(val, torch.Tensor) else
+                     copy.deepcopy(val)) for key, val in st.items() if key != "engine"}
+        out["options"] = dict(out["options"])
+        out["options"]["dtype"] = _dtype_from(out["options"]["dtype"])
+        for key in _BUILT:
+            if out["options"].get(key) != group[key]:
+                raise ValueError(f"parameter {k}'s state was made with {key} = "
+                                 f"{out['options'].get(key)!r}, its group says {group[key]!r}")
+        dt = self._estimate_dtype(group, p)
+        if group["structure"] == "diag":
+            n = p.numel()
+            for key in ("exp_avg_sq",) + (("exp_avg",) if self._adam else ()):
+                t = out.get(key)
+                if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.dtype != dt:
+                    raise ValueError(f"parameter {k}'s {key} must be a {dt} tensor of {n} entries")
+        else:
+            es = dict(st["engine"])
+            es["data"] = es["data"].numpy()
+            es["scalars"] = es["scalars"].numpy()
+            sizes = list(es.get("block_sizes", []))
+            engine = self._engine_for(group, sizes, dt, 0.0) if sizes else None
+            if engine is None:
+                raise ValueError(f"parameter {k}'s engine state has no block sizes")
+            engine.load_state_dict(es)
+            out["engine"] = engine
+        return out
+
+
+def _dtype_name(dt: Any) -> Any:
+    return None if dt is None else str(dt).replace("torch.", "")
+
+
+def _dtype_from(name: Any) -> Any:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name in ("float32", "float64"):
+        return getattr(torch, name)
+    raise ValueError(f"dtype {name!r} in the state is not float32, float64 or None")
+
+
+def _plain_options(options: dict[str, Any]) -> dict[str, Any]:
+    o = dict(options)
+    o["dtype"] = _dtype_name(o["dtype"])
+    return o
+
+
+class RMSProp(_Preconditioned):
+    """RMSProp of the paper (Algorithms 2 and 3) on torch parameters: diagonal, block or full.
+
+    Args:
+        params: parameters or param groups (dicts with any of the options below).
+        lr: step size (>= 0), read from the group at every step.
+        beta: EMA weight in [0, 1), or "auto" for 1 - C lr^(2/3) at each step.
+        eps: damping, > 0.
+        C: the constant of beta="auto" (Sec. 5.4 uses C = 1).
+        structure: "block" (default), "diag" or "full"; see the module docstring.
+        form: "inv_sqrt" ((G + eps I)^(-1/2), the paper's) or "adam" ((G^(1/2) + eps I)^(-1)).
+        block_size: the largest block (structure "block").
+        burn_in: steps per parameter that update its estimate only.
+        refresh_every: the eigendecomposition period of each block (1 to 256); directions are
+            exact at every step regardless (solver "lowrank").
+        solver: "lowrank" (exact directions between staggered refreshes).
+        bias_correction: divide the estimate by 1 - prod beta_t.
+        weight_decay: L2 penalty added to the gradient (g + wd p), as torch.optim's.
+        dtype: the estimates' dtype (None: each parameter's).
+        tol: the block engine's relative accuracy (None: 1e-10 float64, 1e-6 float32).
+        max_consecutive_failures, fallback_eps: the block engine's fallback policy.
+
+    Raises:
+        ValueError: a bad option (named, with its group); TypeError: a parameter that is not a
+            float32/float64 dense real tensor.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta: float | str = 0.99,
+                 eps: float = 1e-8, *, C: float = 1.0, structure: str = "block",
+                 form: str = "inv_sqrt", block_size: int = 256, burn_in: int = 0,
+                 refresh_every: int = 16, solver: str = "lowrank", bias_correction: bool = False,
+                 weight_decay: float = 0.0, dtype: torch.dtype | None = None,
+                 tol: float | None = None, max_consecutive_failures: int = 3,
+                 fallback_eps: float = 0.0) -> None:
+        defaults = dict(lr=lr, beta=beta, eps=eps, C=C, structure=structure, form=form,
+                        block_size=block_size, burn_in=burn_in, refresh_every=refresh_every,
+                        solver=solver, bias_correction=bias_correction,
+                        weight_decay=weight_decay, dtype=dtype, tol=tol,
+                        max_consecutive_failures=max_consecutive_failures,
+                        fallback_eps=fallback_eps)
+        super().__init__(params, defaults)
+
+
+class Adam(_Preconditioned):
+    """Adam with a diagonal, block or full second moment.
+
+    m <- beta1 m + (1 - beta1) g, G the EMA of g g^T with beta2 (as :class:`RMSProp`'s), and
+    p <- p - lr f(G / (1 - prod beta2)) m / (1 - beta1^t), t the parameter's moving steps,
+    f of ``form`` ("adam": (G^(1/2) + eps I)^(-1), Adam's own; "inv_sqrt":
+    (G + eps I)^(-1/2)). ``betas=(beta1, "auto")`` ties beta2 to the lr as RMSProp's
+    beta="auto". Default structure "diag" is torch.optim.Adam's update (with its eps
+    placement). Other options as :class:`RMSProp`'s.
+    """
+
+    _adam = True
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float | str] = (0.9, 0.999), eps: float = 1e-8, *,
+                 C: float = 1.0, structure: str = "diag", form: str = "adam",
+                 block_size: int = 256, refresh_every: int = 16, solver: str = "lowrank",
+                 weight_decay: float = 0.0, dtype: torch.dtype | None = None,
+                 tol: float | None = None, max_consecutive_failures: int = 3,
+                 fallback_eps: float = 0.0) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, C=C, structure=structure, form=form,
+                        block_size=block_size, refresh_every=refresh_every, solver=solver,
+                        bias_correction=True, weight_decay=weight_decay, dtype=dtype, tol=tol,
+                        max_consecutive_failures=max_consecutive_failures,
+                        fallback_eps=fallback_eps)
+        super().__init__(params, defaults)
+
+
+class SaddleEscape:
+    """Algorithm 4 on a model: the step size is ``r`` at the steps t with t mod t_thresh == 0
+    (t counting the steps that move the parameters, from 0, so the first is a large step),
+    the groups' lr otherwise.
+
+    With ``hallucinate = S > 0``, after each large step from x_t to x_(t+1) the base's
+    estimates are fed the gradients at x_t + (k / S)(x_(t+1) - x_t), k = 1..S (the parameters
+    are set there, ``closure()`` recomputes the gradients, the estimate is updated without a
+    step), so that as far as the estimator sees no step is longer than about r / S; then the
+    parameters are x_(t+1) again and their ``.grad`` is the gradient at x_t. This needs
+    ``step(closure)``, where the closure zeroes the gradients, computes the loss and calls
+    backward, as torch.optim's closures do.
+
+    Args:
+        optimizer: a :class:`RMSProp` or :class:`Adam` (used, not copied: step it only
+            through this wrapper).
+        r: the large step size, > 0.
+        t_thresh: the period of large steps, >= 1.
+        hallucinate: S >= 0.
+
+    ``param_groups``, ``zero_grad`` and ``state`` are the base's; ``state_dict`` holds the
+    base's and this wrapper's step count.
+    """
+
+    def __init__(self, optimizer: _Preconditioned, r: float, t_thresh: int,
+                 hallucinate: int = 0) -> None:
+        if not isinstance(optimizer, _Preconditioned):
+            raise ValueError(f"optimizer must be a saddlescape.torch RMSProp or Adam, got "
+                             f"{type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.r = real("r", r)
+        if not (math.isfinite(self.r) and self.r > 0):
+            raise ValueError(f"r must be finite and > 0, got {r!r}")
+        self.t_thresh = integer("t_thresh", t_thresh)
+        if self.t_thresh < 1:
+            raise ValueError(f"t_thresh must be >= 1, got {t_thresh!r}")
+        self.hallucinate = integer("hallucinate", hallucinate)
+        if self.hallucinate < 0:
+            raise ValueError(f"hallucinate must be >= 0, got {hallucinate!r}")
+        self.moves = 0
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _in_burn_in(self) -> bool:
+        opt = self.optimizer
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and opt.state.get(p, {}).get("steps", 0) < group.get("burn_in", 0):
+                    return True
+        return False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step (large when due); returns closure()'s loss.
+
+        Raises:
+            ValueError: hallucinate > 0 without a closure (before anything changes), and the
+                base's errors.
+        """
+        if self.hallucinate > 0 and closure is None:
+            raise ValueError(f"SaddleEscape with hallucinate = {self.hallucinate} needs "
+                             f"step(closure): the hallucinated samples are gradients at points "
+                             f"along each large step, which only a closure can compute")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        opt = self.optimizer
+        if self._in_burn_in():
+            opt._advance()
+            return loss
+        if self.moves % self.t_thresh != 0:
+            opt._advance()
+            self.moves += 1
+            return loss
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        before = [p.detach().clone() for p in params]
+        grads = [p.grad.detach().clone() for p in params]
+        opt._advance(lr=self.r)
+        self.moves += 1  # the step has happened; the samples below may fail
+        after = [p.detach().clone() for p in params]
+        try:
+            for k in range(1, self.hallucinate + 1):
+                s = k / self.hallucinate
+                for p, x0, x1 in zip(params, before, after):
+                    p.copy_(x0 + s * (x1 - x0))
+                with torch.enable_grad():
+                    closure()
+                opt._advance(observe=True)
+        finally:
+            for p, x1, g in zip(params, after, grads):
+                p.copy_(x1)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "moves": self.moves,
+                "r": self.r, "t_thresh": self.t_thresh, "hallucinate": self.hallucinate}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; r, t_thresh and hallucinate must match this wrapper's."""
+        if not isinstance(state_dict, dict) or "optimizer" not in state_dict:
+            raise ValueError("not a SaddleEscape state_dict")
+        for key in ("r", "t_thresh", "hallucinate"):
+            if state_dict.get(key) != getattr(self, key):
+                raise ValueError(f"the state's {key} is {state_dict.get(key)!r}, this "
+                                 f"SaddleEscape's {getattr(self, key)!r}")
+        moves = integer("moves", state_dict["moves"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.moves = moves
