@@ -524,9 +524,16 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
           SADDLESCAPE_NUMERICAL_FAIL("the eigenvalues of ", name(), " are not finite; nothing "
                                      "was changed");
       }
-      // An EMA of outer products is positive semidefinite: below zero is rounding.
+      // An EMA of outer products is positive semidefinite, and a dense eigensolver resolves
+      // its eigenvalues only to about n u lambda_max: below that is rounding around zero, as in
+      // eigen_root. Clipping matters for the adam form, where a zero computed as 1e-16
+      // lambda_max would enter as sqrt(1e-16 lambda_max), far above a typical eps.
+      double top = 0.0;
+      for (index_t j = 0; j < n; ++j) top = std::max(top, double(jb.lambda[j]));
+      const double floor =
+          static_cast<double>(n) * static_cast<double>(std::numeric_limits<T>::epsilon()) * top;
       for (index_t j = 0; j < n; ++j)
-        if (jb.lambda[j] < 0) jb.lambda[j] = 0.0;
+        if (jb.lambda[j] <= floor) jb.lambda[j] = 0.0;
       if (!v) return;
       for (index_t j = 0; j < n; ++j) sc.yt[j] = v[blk.off + j];
       detail::lapack::gemm('T', 'N', ni, 1, ni, T(1), jb.V.data(), ni, sc.yt.data(), ni, T(0),

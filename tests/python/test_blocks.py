@@ -559,3 +559,35 @@ def test_set_beta_applies_to_later_updates_only():
     after.update(gs[0])  # the engine still uses beta = 0.0, not the refused 1.5
     for x, y in zip(engine.estimate(), after.estimate()):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("form", ["inv_sqrt", "adam"])
+@pytest.mark.parametrize("refresh_every", [1, 16])
+@pytest.mark.parametrize("eps", [1e-8, 1e-6, 1e-3])
+def test_rank_deficient_estimate_against_an_exact_low_rank_reference(form, refresh_every, eps):
+    """G = sum_i w_i h_i h_i^T of rank 2 in 8 dimensions, entries of scales 1..1e3. The
+    reference is exact in float64 (QR of [h_1 h_2], a 2 x 2 eigenproblem, f(0) on the
+    complement). A dense eigensolver returns G's zero eigenvalues as about 1e-16 lambda_max;
+    unclipped, the adam form took their square roots (1e-8 sqrt(lambda_max), above eps) and
+    the direction of a vector off G's range was wrong by 30-100%."""
+    rng = np.random.default_rng(23)
+    h1 = rng.standard_normal(8)
+    h2 = rng.standard_normal(8) * np.logspace(0, 3, 8)
+    engine = ss.BlockEngine([8], beta=0.0, eps=eps, form=form, dtype=np.float64,
+                            refresh_every=refresh_every)
+    engine.update(h1)
+    engine.set_beta(0.5)
+    engine.update(h2)
+    Q, R = np.linalg.qr(np.stack([h1, h2], 1))
+    lam, S = np.linalg.eigh(R @ np.diag([0.5, 0.5]) @ R.T)
+
+    def f(x):
+        x = np.maximum(x, 0.0)
+        return 1.0 / (np.sqrt(x) + eps) if form == "adam" else (x + eps) ** -0.5
+
+    for v in (rng.standard_normal(8), h2):
+        want = Q @ S @ (f(lam) * (S.T @ (Q.T @ v))) + f(0.0) * (v - Q @ (Q.T @ v))
+        got = engine.direction(v)
+        # The rounding of v's (tiny, for v = h2) component off G's range is amplified by f(0).
+        slack = 8 * np.finfo(np.float64).eps * np.linalg.norm(v) * f(0.0)
+        assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max() + slack
