@@ -27,7 +27,9 @@ Per parameter tensor p with gradient g (weight decay first, as torch's: g <- g +
 Counting. Each parameter counts its own steps: ``burn_in = W`` makes a parameter's first W
 steps update its estimate only (Algorithm 3). ``beta="auto"`` (with ``C``) uses
 beta_t = 1 - C lr_t^(2/3) at each step, lr_t the group's lr at that call of ``step()``, so the
-paper's beta-lr coupling (Theorem 4.1, Sec. 5.4) follows any scheduler; it must lie in [0, 1).
+paper's beta-lr coupling (Theorem 4.1, Sec. 5.4) follows any scheduler (t counts the calls of
+``step()``; hallucinated samples of :class:`SaddleEscape` use the lr of their step). A value
+below 0 (C lr^(2/3) > 1) is a ValueError; lr = 0 gives the largest beta below 1.
 ``bias_correction=True`` divides the estimate by 1 - prod_t beta_t.
 
 Dtypes. Parameters must be float32 or float64 (float16/bfloat16 and complex are refused with a
@@ -72,12 +74,15 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _BUILT = ("structure", "form", "block_size", "refresh_every", "solver", "dtype", "tol",
           "max_consecutive_failures", "fallback_eps", "bias_correction")
 _STATE_VERSION = 1
+_BELOW_ONE = math.nextafter(1.0, 0.0)
 
 
 def _beta_value(name: str, beta: Any, C: float, lr: float) -> float:
     """The beta of one step: a constant, or 1 - C lr^(2/3) for "auto"."""
     if isinstance(beta, str):
-        b = 1.0 - C * lr ** (2.0 / 3.0)
+        # lr = 0 (the end of a cosine schedule) would freeze the estimate: the largest beta
+        # below 1 instead, as schedules.beta_from_lr does.
+        b = min(1.0 - C * lr ** (2.0 / 3.0), _BELOW_ONE)
         if not 0.0 <= b < 1.0:
             raise ValueError(f"{name}='auto' gives 1 - C lr^(2/3) = {b!r} with C = {C!r} and "
                              f"lr = {lr!r}; it must lie in [0, 1) (lower C or lr)")
