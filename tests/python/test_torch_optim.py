@@ -345,6 +345,24 @@ def test_param_groups_with_different_options_equal_separate_optimizers():
     np.testing.assert_array_equal(_flat(a), _flat(b))
 
 
+@pytest.mark.parametrize("structure", ["diag", "block", "full"])
+def test_non_contiguous_parameters(structure):
+    """A transposed parameter (non-contiguous) steps like its contiguous copy."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    a = torch.nn.Parameter(base.t())
+    b = torch.nn.Parameter(base.t().contiguous())
+    assert not a.is_contiguous()
+    oa = RMSProp([a], lr=0.01, structure=structure, block_size=6)
+    ob = RMSProp([b], lr=0.01, structure=structure, block_size=6)
+    for g in _gradients(1, 20, 6, seed=4, decades=1):
+        gt = torch.from_numpy(g).reshape(4, 5)
+        a.grad, b.grad = gt.clone(), gt.clone()
+        oa.step()
+        ob.step()
+    _assert_close(a.detach().numpy(), b.detach().numpy(), 1e-12)
+
+
 def test_parameters_without_grad_are_skipped():
     a = _params()
     opt = RMSProp(a, lr=0.01, structure="block", block_size=5)

@@ -75,6 +75,8 @@ _BUILT = ("structure", "form", "block_size", "refresh_every", "solver", "dtype",
           "max_consecutive_failures", "fallback_eps", "bias_correction")
 _STATE_VERSION = 1
 _BELOW_ONE = math.nextafter(1.0, 0.0)
+# The fused multi-tensor kernels (absent from an older build of the core: torch operations then).
+_NATIVE_DIAG = getattr(_core, "diag_rmsprop_step", None)
 
 
 def _beta_value(name: str, beta: Any, C: float, lr: float) -> float:
@@ -152,6 +154,7 @@ class _Preconditioned(torch.optim.Optimizer):
         eps = real(f"eps ({where})", group["eps"])
         if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps ({where}) must be finite and > 0, got {group['eps']!r}")
+        group["C"], group["eps"] = C, eps
         group["weight_decay"] = _nonneg(f"weight_decay ({where})", group["weight_decay"])
         choice(f"structure ({where})", group["structure"], _STRUCTURES)
         choice(f"form ({where})", group["form"], _FORMS)
@@ -230,27 +233,33 @@ class _Preconditioned(torch.optim.Optimizer):
         observe: update the estimates only, SaddleEscape's hallucinated samples)."""
         work = []
         for gi, group in enumerate(self.param_groups):
-            self._validate(group, f"param group {gi}")
+            self._step_options(group, gi)
             rate = group["lr"] if lr is None else lr
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             for p in params:
-                if p.grad.is_sparse:
+                g = p.grad
+                if g.layout != torch.strided:
                     raise TypeError(f"param group {gi}: sparse gradients are not supported")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"param group {gi}: a gradient of shape "
-                                     f"{tuple(p.grad.shape)} for a parameter of shape "
-                                     f"{tuple(p.shape)}")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise ValueError(f"{self._name(gi, group, p)}: its gradient is a "
+                                     f"{g.dtype} tensor of shape {tuple(g.shape)} on {g.device}")
+                st = self.state.get(p)
+                if st:
+                    self._check_built(gi, group, st)
             if group["structure"] == "full" and len(params) != len(group["params"]):
                 missing = next(i for i, p in enumerate(group["params"]) if p.grad is None)
                 raise ValueError(f"param group {gi}: structure 'full' couples all of a group's "
                                  f"parameters, but parameter {missing} has no gradient")
-            work.append((gi, group, params, rate, self._betas(group, rate)))
-        # Everything that can be refused is refused before anything changes, in every group.
-        for gi, group, params, rate, betas in work:
+            work.append((gi, group, params, rate, self._betas(group)))
+        # Everything that can be refused is refused before anything changes, in every group:
+        # a native diagonal call checks all its tensors before writing, so the first unit of
+        # work needs no check of its own when it is one.
+        for n, (gi, group, params, rate, betas) in enumerate(work):
+            if n == 0 and group["structure"] == "diag" and self._native_diag(group, params):
+                continue
             for p in params:
-                self._check_built(gi, group, p)
                 _grad_check(self._name(gi, group, p), p.grad, 1.0 - betas[-1])
         for gi, group, params, rate, betas in work:
             if group["structure"] == "diag":
@@ -261,7 +270,40 @@ class _Preconditioned(torch.optim.Optimizer):
             else:
                 self._full(gi, group, params, rate, betas, observe)
 
-    def _betas(self, group: dict[str, Any], lr: float) -> tuple[float, ...]:
+    def _step_options(self, group: dict[str, Any], gi: int) -> None:
+        """The options a step reads (a scheduler or the user may have changed them)."""
+        where = f"param group {gi}"
+        group["lr"] = _nonneg(f"lr ({where})", group["lr"])
+        if self._adam:
+            b1, b2 = group["betas"]
+            _check_beta(f"beta1 ({where})", b1)
+            _check_beta(f"beta2 ({where})", b2)
+        else:
+            _check_beta(f"beta ({where})", group["beta"])
+        for key in ("eps", "C"):
+            v = group[key]
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{key} ({where}) must be finite and > 0, got {v!r}")
+        group["weight_decay"] = _nonneg(f"weight_decay ({where})", group["weight_decay"])
+
+    def _native_diag(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        """Whether the C++ kernel steps these parameters in one call (CPU, contiguous, the
+        estimates in the parameters' dtype, one dtype, one counter state)."""
+        if _NATIVE_DIAG is None:
+            return False
+        p0 = params[0]
+        dt = self._estimate_dtype(group, p0)
+        keys = set()
+        for p in params:
+            if (p.device.type != "cpu" or p.dtype != dt or self._estimate_dtype(group, p) != dt
+                    or not p.is_contiguous() or not p.grad.is_contiguous()):
+                return False
+            st = self.state.get(p)
+            keys.add((st["steps"], st["moves"], st["beta_product"]) if st else (0, 0, 1.0))
+        return len(keys) == 1
+
+    def _betas(self, group: dict[str, Any]) -> tuple[float, ...]:
+        """This step's (beta1,) beta: "auto" from the group's lr (not SaddleEscape's r)."""
         if self._adam:
             return (float(group["betas"][0]),
                     _beta_value("beta2", group["betas"][1], float(group["C"]), group["lr"]))
@@ -271,10 +313,7 @@ class _Preconditioned(torch.optim.Optimizer):
         i = next(k for k, q in enumerate(group["params"]) if q is p)
         return f"parameter {i} of param group {gi} (shape {tuple(p.shape)})"
 
-    def _check_built(self, gi: int, group: dict[str, Any], p: torch.Tensor) -> None:
-        st = self.state.get(p)
-        if not st:
-            return
+    def _check_built(self, gi: int, group: dict[str, Any], st: dict[str, Any]) -> None:
         for key in _BUILT:
             if st["options"][key] != group[key]:
                 raise ValueError(f"param group {gi}: {key} changed from {st['options'][key]!r} to "
@@ -302,7 +341,7 @@ class _Preconditioned(torch.optim.Optimizer):
     # ---------------------------------------------------------------- diag
     def _diag(self, gi: int, group: dict[str, Any], params: list[torch.Tensor], lr: float,
               betas: tuple[float, ...], observe: bool) -> None:
-        eps = float(group["eps"])
+        fresh = []
         for p in params:
             st = self.state[p]
             if not st:
@@ -311,28 +350,71 @@ class _Preconditioned(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros(p.numel(), dtype=dt, device=p.device)
                 if self._adam:
                     st["exp_avg"] = torch.zeros(p.numel(), dtype=dt, device=p.device)
-            b = betas[-1]
-            g = self._weighted(group, p, st["exp_avg_sq"].dtype).view(-1)
-            v = st["exp_avg_sq"]
-            move = self._moving(group, st, observe)
-            product = st["beta_product"] * b
-            v.mul_(b).addcmul_(g, g, value=1.0 - b)
-            v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
-            if move:
-                c = 1.0 / (1.0 - product) if (self._adam or group["bias_correction"]) else 1.0
-                if self._adam:
-                    m = st["exp_avg"]
-                    m.mul_(betas[0]).add_(g, alpha=1.0 - betas[0])
-                    num = m
-                    rate = lr / (1.0 - betas[0] ** (st["moves"] + 1))
-                else:
-                    num, rate = g, lr
-                s = v * c if c != 1.0 else v
-                den = (s + eps).sqrt_() if group["form"] == "inv_sqrt" else s.sqrt().add_(eps)
-                p.view(-1).addcdiv_(num.to(p.dtype), den.to(p.dtype), value=-rate)
+                fresh.append(p)
+        try:
+            if self._native_diag(group, params):
+                self._diag_native(group, params, lr, betas, observe)
+            else:
+                for p in params:
+                    self._diag_torch(group, p, lr, betas, observe)
+        except BaseException:
+            for p in fresh:
+                del self.state[p]
+            raise
+        for p in params:
+            st = self.state[p]
+            if self._moving(group, st, observe):
                 st["moves"] += 1
-            st["beta_product"] = product
+            st["beta_product"] *= betas[-1]
             st["steps"] += 1
+
+    def _coefficients(self, group: dict[str, Any], st: dict[str, Any], lr: float,
+                      betas: tuple[float, ...]) -> tuple[float, float]:
+        """(step size, c): lr (Adam: lr / (1 - beta1^t)) and the estimate's bias correction
+        c = 1 / (1 - prod beta) (1 without)."""
+        product = st["beta_product"] * betas[-1]
+        c = 1.0 / (1.0 - product) if (self._adam or group["bias_correction"]) else 1.0
+        rate = lr / (1.0 - betas[0] ** (st["moves"] + 1)) if self._adam else lr
+        return rate, c
+
+    def _diag_native(self, group: dict[str, Any], params: list[torch.Tensor], lr: float,
+                     betas: tuple[float, ...], observe: bool) -> None:
+        """One C++ pass over every tensor, on their own memory; it checks every gradient
+        before it writes anything."""
+        st0 = self.state[params[0]]
+        xs = [p.detach().view(-1).numpy() for p in params]
+        gs = [p.grad.view(-1).numpy() for p in params]
+        vs = [self.state[p]["exp_avg_sq"].numpy() for p in params]
+        rate, c = self._coefficients(group, st0, lr, betas)
+        wd = float(group["weight_decay"])
+        if self._adam and self._moving(group, st0, observe):
+            ms = [self.state[p]["exp_avg"].numpy() for p in params]
+            _core.diag_adam_step(xs, gs, ms, vs, rate, betas[0], betas[1], group["eps"],
+                                 group["form"], wd, c)
+        else:
+            _core.diag_rmsprop_step(xs, gs, vs, rate, betas[-1], group["eps"], group["form"], wd,
+                                    c, self._moving(group, st0, observe))
+
+    def _diag_torch(self, group: dict[str, Any], p: torch.Tensor, lr: float,
+                    betas: tuple[float, ...], observe: bool) -> None:
+        """The same update in torch operations (CUDA, mixed dtypes, non-contiguous tensors)."""
+        st = self.state[p]
+        b = betas[-1]
+        v = st["exp_avg_sq"]
+        g = self._weighted(group, p, v.dtype).view(-1)
+        rate, c = self._coefficients(group, st, lr, betas)
+        v.mul_(b).addcmul_(g, g, value=1.0 - b)
+        v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
+        if not self._moving(group, st, observe):
+            return
+        if self._adam:
+            num = st["exp_avg"]
+            num.mul_(betas[0]).add_(g, alpha=1.0 - betas[0])
+        else:
+            num = g
+        s = v * c if c != 1.0 else v
+        den = (s + group["eps"]).sqrt_() if group["form"] == "inv_sqrt" else s.sqrt().add_(group["eps"])
+        p.addcdiv_(num.to(p.dtype).view(p.shape), den.to(p.dtype).view(p.shape), value=-rate)
 
     # ---------------------------------------------------------------- block and full
     def _engine_for(self, group: dict[str, Any], sizes: list[int], dtype: torch.dtype,
@@ -426,7 +508,7 @@ class _Preconditioned(torch.optim.Optimizer):
         offset = 0
         for p in params:
             n = p.numel()
-            p.view(-1).add_(direction[offset:offset + n].to(p.dtype), alpha=-lr)
+            p.add_(direction[offset:offset + n].to(p.dtype).view(p.shape), alpha=-lr)
             offset += n
 
     # ---------------------------------------------------------------- introspection
