@@ -110,14 +110,15 @@ def _nonneg(name: str, value: Any) -> float:
     return v
 
 
-def _grad_check(name: str, g: torch.Tensor, a: float) -> None:
-    """g finite and (1 - beta) g^2 finite, else a ValueError naming the parameter."""
+def _grad_check(name: str, g: torch.Tensor, a: float, dtype: torch.dtype) -> None:
+    """g finite and (1 - beta) g^2 finite in the estimate's dtype, else a ValueError naming the
+    parameter."""
     top = float(g.abs().max()) if g.numel() else 0.0
     if not math.isfinite(top):
         bad = (~torch.isfinite(g)).nonzero()[0].tolist()
         raise ValueError(f"the gradient of {name} has a non-finite entry {g[tuple(bad)].item()!r} "
                          f"at index {tuple(bad)}; nothing was changed")
-    if not math.isfinite(a * top * top):
+    if not a * top * top <= torch.finfo(dtype).max:
         raise ValueError(f"the gradient of {name} has an entry {top!r} whose square overflows; "
                          f"nothing was changed")
 
@@ -260,7 +261,8 @@ class _Preconditioned(torch.optim.Optimizer):
             if n == 0 and group["structure"] == "diag" and self._native_diag(group, params):
                 continue
             for p in params:
-                _grad_check(self._name(gi, group, p), p.grad, 1.0 - betas[-1])
+                _grad_check(self._name(gi, group, p), p.grad, 1.0 - betas[-1],
+                            self._estimate_dtype(group, p))
         for gi, group, params, rate, betas in work:
             if group["structure"] == "diag":
                 self._diag(gi, group, params, rate, betas, observe)
