@@ -5,7 +5,7 @@
 #include "checks.hpp"
 #include "lapack.hpp"
 #include "memory.hpp"
-#include "multiversion.hpp"
+#include "diag_kernels.hpp"
 #include "parallel.hpp"
 #include "tridiagonal.hpp"
 
@@ -148,56 +148,9 @@ struct diag_form {
       : inner(form == root_form::adam ? 0.0 : eps), outer(form == root_form::adam ? eps : 0.0) {}
 };
 
-// The fused diagonal RMSProp step, one pass over x, g and v:
-//   v <- b v + a g^2 (subnormals flushed), x <- x - lr g / den(v).
-// g is finite and a g^2 cannot overflow (checked by the caller), so v stays finite.
-SADDLESCAPE_MULTIVERSION void rmsprop_diag(index_t n, double b, double a, double lr, double inner,
-                                           double outer, const double* __restrict g,
-                                           double* __restrict v, double* __restrict x) {
-  for (index_t i = 0; i < n; ++i) {
-    const double vi = detail::diag_ema(v[i], g[i], b, a);
-    v[i] = vi;
-    x[i] -= lr * g[i] / detail::diag_denominator(vi, inner, outer);
-  }
-}
-
-// The fused diagonal Adam step: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
-// x <- x - lr_m m / den(c v), with lr_m = lr / (1 - b1^t) and c = 1 / (1 - prod b2).
-SADDLESCAPE_MULTIVERSION void adam_diag(index_t n, double b1, double b2, double lr_m, double c,
-                                        double inner, double outer, const double* __restrict g,
-                                        double* __restrict m, double* __restrict v,
-                                        double* __restrict x) {
-  for (index_t i = 0; i < n; ++i) {
-    const double mi = b1 * m[i] + (1.0 - b1) * g[i];
-    const double vi = detail::diag_ema(v[i], g[i], b2, 1.0 - b2);
-    m[i] = mi;
-    v[i] = vi;
-    x[i] -= lr_m * mi / detail::diag_denominator(c * vi, inner, outer);
-  }
-}
-
-// max_i |g_i| as a bit pattern: for non-negative doubles the order of the patterns (as integers)
-// is the order of the values, so the reduction is an integer max, which compilers vectorise
-// (a floating-point max reduction is not, for its NaN semantics); every NaN and Inf gives a
-// pattern >= that of +Inf. This check runs before every step over all of g, so its speed
-// matters as much as the step's.
-constexpr std::int64_t infinity_bits = 0x7ff0000000000000LL;
-
-SADDLESCAPE_MULTIVERSION std::int64_t max_abs_bits(index_t n, const double* __restrict g) {
-  std::int64_t m = 0;
-  for (index_t i = 0; i < n; ++i) {
-    std::int64_t b;
-    std::memcpy(&b, g + i, sizeof b);
-    b &= 0x7fffffffffffffffLL;
-    m = b > m ? b : m;
-  }
-  return m;
-}
-
-// v <- b v + a g^2 without moving x (burn-in and hallucinated samples of the diagonal rules).
-void diag_observe(index_t n, double b, double a, const double* g, double* v) {
-  for (index_t i = 0; i < n; ++i) v[i] = detail::diag_ema(v[i], g[i], b, a);
-}
+// max|g| as a bit pattern (diag_kernels.hpp): every NaN and Inf gives one >= that of +Inf. This
+// check runs before every step over all of g, so its speed matters as much as the step's.
+constexpr std::int64_t infinity_bits = detail::abs_bits_infinity<double>();
 
 double checked_lr(double rate, std::int64_t t) {
   SADDLESCAPE_EXPECTS(std::isfinite(rate) && rate >= 0.0,
@@ -233,12 +186,12 @@ optimizer::optimizer(index_t dim) : dim_(dim) {
 void optimizer::check_gradient(const double* g) {
   std::int64_t bits = 0;
   if (dim_ < detail::parallel_threshold) {  // the common case, without allocation
-    bits = max_abs_bits(dim_, g);
+    bits = detail::max_abs_bits(dim_, g);
   } else {
     std::vector<std::int64_t> part(detail::pass_threads(), 0);
     const unsigned parts = detail::parallel_chunks(
         dim_, [&](unsigned k, index_t begin, index_t end) {
-          part[k] = max_abs_bits(end - begin, g + begin);
+          part[k] = detail::max_abs_bits(end - begin, g + begin);
         });
     bits = *std::max_element(part.begin(), part.begin() + parts);
   }
@@ -497,7 +450,7 @@ void rmsprop::update_estimate(const double* g) {
   if (opts_.layout == structure::diag) {
     const double b = beta_at(*beta_, own_updates_);
     check_square_fits(gmax_, "RMSProp");
-    diag_observe(dim_, b, 1.0 - b, g, v_.data());
+    detail::diag_observe(dim_, b, 1.0 - b, 0.0, g, nullptr, v_.data());
     ++own_updates_;
     return;
   }
@@ -580,7 +533,8 @@ void rmsprop::move(double* x, const double* g, double lr, sampler*) {
     const diag_form f(opts_.form, opts_.eps);
     double* v = v_.data();
     detail::parallel_chunks(dim_, [&](unsigned, index_t i, index_t end) {
-      rmsprop_diag(end - i, b, 1.0 - b, lr, f.inner, f.outer, g + i, v + i, x + i);
+      detail::rmsprop_diag(end - i, b, 1.0 - b, lr, 1.0, f.inner, f.outer, 0.0, g + i, v + i,
+                           x + i);
     });
     ++own_updates_;
     return;
@@ -821,7 +775,7 @@ void adam::do_observe(const double* g) {
   }
   const double b = beta_at(*beta2_, updates_);
   check_square_fits(gmax_, "Adam");
-  diag_observe(dim_, b, 1.0 - b, g, v_.data());
+  detail::diag_observe(dim_, b, 1.0 - b, 0.0, g, nullptr, v_.data());
   beta2_product_ *= b;
   ++updates_;
 }
@@ -836,8 +790,8 @@ void adam::move(double* x, const double* g, double lr, sampler*) {
     const diag_form f(opts_.form, opts_.eps);
     double *m = m_.data(), *v = v_.data();
     detail::parallel_chunks(dim_, [&](unsigned, index_t i, index_t end) {
-      adam_diag(end - i, beta1_, b, lr / m_correction, 1.0 / (1.0 - product), f.inner, f.outer,
-                g + i, m + i, v + i, x + i);
+      detail::adam_diag(end - i, beta1_, b, lr / m_correction, 1.0 / (1.0 - product), f.inner,
+                        f.outer, 0.0, g + i, m + i, v + i, x + i);
     });
     beta2_product_ = product;
     ++updates_;

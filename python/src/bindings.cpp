@@ -107,6 +107,7 @@ py::array diag_inv_root_py(const py::array& v, int p, double eps, const std::str
 void bind_estimators(py::module_& m);
 void bind_loop(py::module_& m);
 void bind_block_engine(py::module_& m);
+void bind_diag_step(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "saddlescape's compiled core; use the functions re-exported by `saddlescape`.";
@@ -125,4 +126,5 @@ PYBIND11_MODULE(_core, m) {
   bind_estimators(m);
   bind_loop(m);
   bind_block_engine(m);
+  bind_diag_step(m);
 }

@@ -7,6 +7,7 @@
 #include <saddlescape/schedules.hpp>
 #include <saddlescape/estimators.hpp>
 #include <saddlescape/block_engine.hpp>
+#include <saddlescape/diag_step.hpp>
 #include <saddlescape/rng.hpp>
 #include <saddlescape/problems.hpp>
 #include <saddlescape/optimizers.hpp>

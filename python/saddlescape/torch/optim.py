@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import weakref
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -239,6 +241,7 @@ class _Preconditioned(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            sig = tuple(group[k] for k in _BUILT)
             for p in params:
                 g = p.grad
                 if g.layout != torch.strided:
@@ -247,25 +250,26 @@ class _Preconditioned(torch.optim.Optimizer):
                     raise ValueError(f"{self._name(gi, group, p)}: its gradient is a "
                                      f"{g.dtype} tensor of shape {tuple(g.shape)} on {g.device}")
                 st = self.state.get(p)
-                if st:
+                if st and st["sig"] != sig:
                     self._check_built(gi, group, st)
             if group["structure"] == "full" and len(params) != len(group["params"]):
                 missing = next(i for i, p in enumerate(group["params"]) if p.grad is None)
                 raise ValueError(f"param group {gi}: structure 'full' couples all of a group's "
                                  f"parameters, but parameter {missing} has no gradient")
-            work.append((gi, group, params, rate, self._betas(group)))
+            native = group["structure"] == "diag" and self._native_diag(group, params)
+            work.append((gi, group, params, rate, self._betas(group), native))
         # Everything that can be refused is refused before anything changes, in every group:
         # a native diagonal call checks all its tensors before writing, so the first unit of
         # work needs no check of its own when it is one.
-        for n, (gi, group, params, rate, betas) in enumerate(work):
-            if n == 0 and group["structure"] == "diag" and self._native_diag(group, params):
+        for n, (gi, group, params, rate, betas, native) in enumerate(work):
+            if n == 0 and native:
                 continue
             for p in params:
                 _grad_check(self._name(gi, group, p), p.grad, 1.0 - betas[-1],
                             self._estimate_dtype(group, p))
-        for gi, group, params, rate, betas in work:
+        for gi, group, params, rate, betas, native in work:
             if group["structure"] == "diag":
-                self._diag(gi, group, params, rate, betas, observe)
+                self._diag(gi, group, params, rate, betas, observe, native)
             elif group["structure"] == "block":
                 for p in params:
                     self._block(gi, group, p, rate, betas, observe)
@@ -326,8 +330,8 @@ class _Preconditioned(torch.optim.Optimizer):
         return group["dtype"] if group["dtype"] is not None else p.dtype
 
     def _new_state(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {"options": {k: group[k] for k in _BUILT}, "steps": 0, "moves": 0,
-                "beta_product": 1.0}
+        return {"options": {k: group[k] for k in _BUILT}, "sig": tuple(group[k] for k in _BUILT),
+                "steps": 0, "moves": 0, "beta_product": 1.0}
 
     def _weighted(self, group: dict[str, Any], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The gradient with weight decay, in the estimate's dtype (p.grad itself when no
@@ -342,7 +346,7 @@ class _Preconditioned(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- diag
     def _diag(self, gi: int, group: dict[str, Any], params: list[torch.Tensor], lr: float,
-              betas: tuple[float, ...], observe: bool) -> None:
+              betas: tuple[float, ...], observe: bool, native: bool) -> None:
         fresh = []
         for p in params:
             st = self.state[p]
@@ -354,7 +358,7 @@ class _Preconditioned(torch.optim.Optimizer):
                     st["exp_avg"] = torch.zeros(p.numel(), dtype=dt, device=p.device)
                 fresh.append(p)
         try:
-            if self._native_diag(group, params):
+            if native:
                 self._diag_native(group, params, lr, betas, observe)
             else:
                 for p in params:
@@ -384,18 +388,46 @@ class _Preconditioned(torch.optim.Optimizer):
         """One C++ pass over every tensor, on their own memory; it checks every gradient
         before it writes anything."""
         st0 = self.state[params[0]]
-        xs = [p.detach().view(-1).numpy() for p in params]
+        xs, vs, ms = [], [], []
+        for p in params:
+            x, v, m = self._views(p)
+            xs.append(x)
+            vs.append(v)
+            ms.append(m)
         gs = [p.grad.view(-1).numpy() for p in params]
-        vs = [self.state[p]["exp_avg_sq"].numpy() for p in params]
         rate, c = self._coefficients(group, st0, lr, betas)
         wd = float(group["weight_decay"])
-        if self._adam and self._moving(group, st0, observe):
-            ms = [self.state[p]["exp_avg"].numpy() for p in params]
-            _core.diag_adam_step(xs, gs, ms, vs, rate, betas[0], betas[1], group["eps"],
-                                 group["form"], wd, c)
-        else:
-            _core.diag_rmsprop_step(xs, gs, vs, rate, betas[-1], group["eps"], group["form"], wd,
-                                    c, self._moving(group, st0, observe))
+        try:
+            if self._adam and self._moving(group, st0, observe):
+                _core.diag_adam_step(xs, gs, ms, vs, rate, betas[0], betas[1], group["eps"],
+                                     group["form"], wd, c)
+            else:
+                _core.diag_rmsprop_step(xs, gs, vs, rate, betas[-1], group["eps"], group["form"],
+                                        wd, c, self._moving(group, st0, observe))
+        except ValueError as e:
+            found = re.match(r"gradient (\d+) (.*)", str(e))
+            if not found:
+                raise
+            p = params[int(found.group(1))]
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            raise ValueError(f"the gradient of {self._name(gi, group, p)} {found.group(2)}") from None
+
+    def _views(self, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """numpy views of p and of its estimates, kept between steps (making them costs more
+        than the kernel at small sizes) while p's memory and the state tensors are the same."""
+        st = self.state[p]
+        v, m = st["exp_avg_sq"], st.get("exp_avg")
+        ptr = p.data_ptr()
+        cache = self.__dict__.get("_view_cache")  # not pickled with the optimizer: made anew
+        if cache is None:
+            cache = self.__dict__["_view_cache"] = {}
+        hit = cache.get(id(p))
+        if (hit is not None and hit[0]() is p and hit[1] == ptr and hit[2] is v
+                and hit[3] is m):
+            return hit[4]
+        views = (p.detach().view(-1).numpy(), v.numpy(), None if m is None else m.numpy())
+        cache[id(p)] = (weakref.ref(p), ptr, v, m, views)
+        return views
 
     def _diag_torch(self, group: dict[str, Any], p: torch.Tensor, lr: float,
                     betas: tuple[float, ...], observe: bool) -> None:
@@ -597,7 +629,7 @@ class _Preconditioned(torch.optim.Optimizer):
         out = {}
         for k, st in base["state"].items():
             e = {key: (val.clone() if isinstance(val, torch.Tensor) else copy.deepcopy(val))
-                 for key, val in st.items() if key != "engine"}
+                 for key, val in st.items() if key not in ("engine", "sig")}
             e["options"] = _plain_options(st["options"])
             if "engine" in st:
                 es = st["engine"].state_dict()
@@ -662,6 +694,7 @@ class _Preconditioned(torch.optim.Optimizer):
                      copy.deepcopy(val)) for key, val in st.items() if key != "engine"}
         out["options"] = dict(out["options"])
         out["options"]["dtype"] = _dtype_from(out["options"]["dtype"])
+        out["sig"] = tuple(out["options"].get(k) for k in _BUILT)
         for key in _BUILT:
             if out["options"].get(key) != group[key]:
                 raise ValueError(f"parameter {k}'s state was made with {key} = "
