@@ -148,6 +148,9 @@ def test_all_quick_writes_every_experiment(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for name in experiments.EXPERIMENTS:
+        if f"== {name} skipped:" in r.stdout:  # train without torch or scikit-learn
+            assert name == "train"
+            continue
         folder = tmp_path / name
         assert (folder / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
         assert (folder / f"{name}.csv").stat().st_size > 0

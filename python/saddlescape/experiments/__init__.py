@@ -31,6 +31,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "epsilon": ("epsilon", "Sec. 5.1: bounds (10), (11) against eps, beside RMSProp's runs"),
     "rmsprop-vs-sgd": ("rmsprop_vs_sgd",
                        "Sec. 5.2: the bounds (12)/(13) against measured escape-time ratios"),
+    "train": ("train", "an MLP and a CNN on digits: saddlescape.torch against torch.optim"),
 }
 
 __all__ = ["EXPERIMENTS", "run"]
