@@ -4,7 +4,8 @@
 # scikit-build-core installed (the H200 image has all of them):
 #   1. builds and installs the package with the CUDA backend (SADDLESCAPE_ENABLE_CUDA=ON),
 #   2. runs tests/gpu (and, with CPP_SMOKE=1, the C++ smoke test),
-#   3. times batched inverse roots, the diagonal step and the many-seed runner
+#   3. trains the MLP with saddlescape.torch on the GPU against the CPU (bench/gpu/torch_check.py),
+#   4. times batched inverse roots, the diagonal step and the many-seed runner
 #      (bench/gpu/bench_gpu.py), printing a short table last.
 # The build needs scipy-openblas32 and cmeel-eigen, which that image lacks: run
 # bench/gpu/fetch_wheels.sh first where there is network, and carry .whl/.
@@ -63,6 +64,11 @@ stamp "tests/gpu"
 timeout 240 "$python" -m pytest -q -rf --maxfail=50 tests/gpu -p no:cacheprovider \
   -W default::DeprecationWarning -W default::FutureWarning -W default::UserWarning \
   2>&1 | tee "$out/tests.log" | grep -v "^SKIPPED" | tail -40
+
+stamp "saddlescape.torch on the GPU against the CPU"
+# The diagonal optimizers train the MLP on CUDA tensors and on CPU tensors from one start.
+if [[ "${DRY_RUN:-0}" == 1 ]]; then dev=cpu; else dev=cuda; fi
+timeout 90 "$python" bench/gpu/torch_check.py --device "$dev" 2>&1 | tee "$out/torch_check.log"
 
 stamp "benchmarks"
 timeout 270 "$python" bench/gpu/bench_gpu.py --budget 200 --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
