@@ -75,6 +75,8 @@ template <class T>
 
 }  // namespace
 
+// One non-template entry per precision: GCC's target_clones (the avx2/default dispatch) does not
+// apply to function templates, so the templated bodies are inlined into these overloads.
 SADDLESCAPE_MULTIVERSION void rmsprop_diag(std::ptrdiff_t n, double b, double a, double lr, double c,
                                            double inner, double outer, double wd, const double* g,
                                            double* v, double* x) {
