@@ -204,11 +204,11 @@ def join_block_states(records: Sequence[dict[str, np.ndarray]], block_sizes: Seq
 
 
 def set_stagger(record: dict[str, np.ndarray], block_size: int, refresh_every: int,
-                global_index: int) -> None:
-    """Sets a fresh block's refresh counter to ``global_index mod refresh_every`` (the offset the
-    block has in an engine over all blocks), so that a shard refreshes each block at the step
-    the unsharded engine does. In place."""
-    record["scalars"][1 + refresh_every + block_size] = float(global_index % refresh_every)
+                index: int) -> None:
+    """Sets a fresh block's refresh counter to ``index mod refresh_every``: the offset that the
+    block has as block ``index`` of another engine (an engine over all blocks, or its tensor's
+    engine), so that a shard refreshes the block at the step that engine does. In place."""
+    record["scalars"][1 + refresh_every + block_size] = float(index % refresh_every)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], Any]) -> None:

@@ -1,8 +1,8 @@
 """saddlescape.torch.distributed on 1, 2 and 3 gloo processes, every launch under a time limit.
 
-References are computed here, in one process: an unsharded BlockEngine over all blocks fed the
-exact mean gradient (see dist_workers), and for the MLP the same engine on the full batch's
-gradient.
+References are computed here, in one process: the single-process saddlescape.torch.RMSProp
+(structure="block") fed the exact mean gradient (see dist_workers), and for the MLP a BlockEngine
+on the full batch's gradient.
 """
 
 from __future__ import annotations
@@ -20,23 +20,29 @@ import dist_harness as harness  # noqa: E402
 import dist_workers as w  # noqa: E402
 
 import saddlescape  # noqa: E402
+import saddlescape.torch  # noqa: E402
 from saddlescape.torch.distributed import parameter_blocks  # noqa: E402
 
 LIMIT = 60.0  # seconds per launch: a hang fails the test
 
 
-def _reference(steps: int) -> np.ndarray:
-    blocks = parameter_blocks(w.SHAPES, w.BLOCK_SIZE)
-    engine = saddlescape.BlockEngine([B for _, _, B in blocks], beta=0.9, eps=1e-3,
-                                     refresh_every=w.REFRESH_EVERY, dtype=np.float32)
-    x = np.concatenate([a.reshape(-1) for a in w.initial_parameters()])
-    lr = np.concatenate([np.full(int(np.prod(s)), w.LRS[0 if i < 2 else 1], dtype=np.float32)
-                         for i, s in enumerate(w.SHAPES)])
+def _reference(steps: int, **options) -> np.ndarray:
+    """The single-process saddlescape.torch.RMSProp(structure="block") on the exact mean
+    gradients, with the options of dist_workers.make_optimizer (overridden by ``options``)."""
+    params, groups = w.make_params()
+    kw = dict(beta=0.9, eps=1e-3, block_size=w.BLOCK_SIZE, refresh_every=w.REFRESH_EVERY)
+    kw.update(options)
+    schedule = kw.pop("schedule", None)
+    opt = saddlescape.torch.RMSProp(groups, structure="block", **kw)
+    sched = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     out = []
     for t in range(steps):
-        g = np.concatenate([a.reshape(-1) for a in w.mean_gradient(t)])
-        x = x - engine.update_direction(g) * lr
-        out.append(x.copy())
+        for p, g in zip(params, w.mean_gradient(t)):
+            p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        if sched is not None:
+            sched.step()
+        out.append(np.concatenate([p.detach().numpy().reshape(-1) for p in params]))
     return np.array(out)
 
 
@@ -52,7 +58,7 @@ def resumed(tmp_path_factory):
     return two, three, one
 
 
-def test_equals_unsharded_engine_bit_for_bit_and_ranks_agree(resumed):
+def test_equals_the_single_process_optimizer_bit_for_bit_and_ranks_agree(resumed):
     ref = _reference(9)
     two, three, one = resumed
     for ranks in (two, three):

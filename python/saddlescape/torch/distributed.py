@@ -30,14 +30,22 @@ In all 2 (W - 1)(L + 1) c bytes per rank, against DDP's ring all-reduce of 2 (W 
 with balanced shares (L close to D / W) the two are equal. Nothing else is sent on a step
 that succeeds.
 
+The single-process counterpart. The update is that of ``saddlescape.torch.RMSProp(params,
+structure="block", ...)`` with the same options (beta or beta="auto" with C, burn_in, eps, form,
+block_size, refresh_every, bias_correction, weight_decay, tol, the fallback policy) on the mean
+gradient: the same blocks (:func:`parameter_blocks` is its partition), the same refresh offsets
+(block j of a tensor first refreshes at step j mod refresh_every, as in that tensor's engine) and
+the same arithmetic per block. Steps are counted per optimizer, not per parameter (every
+parameter needs a gradient at every step).
+
 Exactness. All ranks apply the same gathered updates to the same parameters, so parameters stay
-bit-identical across ranks. Each block is computed by the same code as in an engine over all
-blocks, with the same refresh offsets (b mod refresh_every for global block index b), so with
-``comm_dtype=torch.float32`` a step equals the unsharded engine on the mean gradient to the
-rounding of that mean (bit for bit when the sum over ranks is exact). ``comm_dtype=
-torch.bfloat16`` (or float16) halves the bytes; gradients are then summed and updates sent with
-8 (11) significant bits, a relative error of about 2^-9 (2^-12) per entry and step, and the
-result is no longer the unsharded one to float32 rounding (ranks still agree bit for bit).
+bit-identical across ranks. With ``comm_dtype=torch.float32`` a step equals the single-process
+optimizer on the mean gradient to the rounding of that mean (bit for bit when the sum over ranks
+is exact; weight decay adds g + wd p in another order of operations, within a float's rounding).
+``comm_dtype=torch.bfloat16`` (or float16) halves the bytes; gradients are then summed and
+updates sent with 8 (11) significant bits, a relative error of about 2^-9 (2^-12) per entry and
+step, and the result is no longer the single-process one to float32 rounding (ranks still agree
+bit for bit).
 
 Faults. A step either commits on every rank or on none. A rank whose closure raises or whose
 gradient is missing or non-finite still takes part in the reduce-scatter, with status 1; the
@@ -65,7 +73,9 @@ can :meth:`ShardedRMSProp.load_checkpoint` it: the blocks are re-assigned to the
 from __future__ import annotations
 
 import io
+import math
 import os
+import shutil
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -73,6 +83,7 @@ import torch
 import torch.distributed as dist
 
 from saddlescape import _core
+from saddlescape._validation import integer, real
 from saddlescape.blocks import BlockEngine, partition
 from saddlescape.sharding import (
     Assignment,
@@ -82,6 +93,7 @@ from saddlescape.sharding import (
     set_stagger,
     split_block_states,
 )
+from saddlescape.torch.optim import _beta_value, _check_beta, _nonneg
 
 __all__ = ["DistributedError", "DistributedStepError", "ShardedRMSProp", "parameter_blocks"]
 
@@ -143,9 +155,14 @@ class ShardedRMSProp(torch.optim.Optimizer):
 
     Args:
         params: the parameters (CPU tensors, all float32 or all float64), or param groups; groups
-            may differ only in ``lr``.
+            may differ in ``lr`` and ``weight_decay``.
         lr: the step size (read from each group at every step, so LR schedulers work).
-        beta, eps, form, refresh_every, tol, bias_correction, max_consecutive_failures,
+        beta: EMA weight in [0, 1), or "auto" for beta_t = 1 - C lr_t^(2/3) at each step (as
+            :class:`saddlescape.torch.RMSProp`'s; all groups must then have the same lr).
+        C: the constant of beta="auto".
+        burn_in: the first ``burn_in`` steps update the estimates only (Algorithm 3).
+        weight_decay: L2 penalty added to the mean gradient (g + wd p), as torch.optim's.
+        eps, form, refresh_every, tol, bias_correction, max_consecutive_failures,
             fallback_eps: as :class:`saddlescape.BlockEngine`.
         block_size: the largest block (see :func:`parameter_blocks`).
         process_group: the group to shard over (None: the default group, which must exist).
@@ -167,8 +184,9 @@ class ShardedRMSProp(torch.optim.Optimizer):
         DistributedError: a collective at construction failed.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, *, beta: float = 0.99, eps: float = 1e-8,
-                 form: str = "inv_sqrt", block_size: int = 256, refresh_every: int = 16,
+    def __init__(self, params: Any, lr: float = 1e-3, *, beta: float | str = 0.99,
+                 eps: float = 1e-8, C: float = 1.0, form: str = "inv_sqrt", block_size: int = 256,
+                 refresh_every: int = 16, burn_in: int = 0, weight_decay: float = 0.0,
                  tol: float | None = None, bias_correction: bool = False,
                  max_consecutive_failures: int = 3, fallback_eps: float = 0.0,
                  process_group: Any = None, comm_dtype: torch.dtype = torch.float32,
@@ -183,15 +201,23 @@ class ShardedRMSProp(torch.optim.Optimizer):
                             f"got {type(process_group).__name__}")
         if comm_dtype not in _COMM_DTYPES:
             raise ValueError(f"comm_dtype must be one of {_COMM_DTYPES}, got {comm_dtype!r}")
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        defaults = dict(lr=lr)
+        beta = _check_beta("beta", beta)
+        C = real("C", C)
+        if not (math.isfinite(C) and C > 0):
+            raise ValueError(f"C must be finite and > 0, got {C!r}")
+        burn_in = integer("burn_in", burn_in)
+        if burn_in < 0:
+            raise ValueError(f"burn_in must be >= 0, got {burn_in}")
+        defaults = dict(lr=_nonneg("lr", lr), weight_decay=_nonneg("weight_decay", weight_decay))
         super().__init__(params, defaults)
         for i, g in enumerate(self.param_groups):
-            extra = sorted(set(g) - {"params", "lr"})
+            extra = sorted(set(g) - {"params", "lr", "weight_decay"})
             if extra:
                 raise ValueError(f"param group {i} sets {extra}; groups of ShardedRMSProp may "
-                                 f"differ only in lr")
+                                 f"differ only in lr and weight_decay")
+            g["lr"] = _nonneg(f"lr (param group {i})", g["lr"])
+            g["weight_decay"] = _nonneg(f"weight_decay (param group {i})", g["weight_decay"])
+        self._beta, self._C, self._burn_in = beta, C, burn_in
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         if not self._params:
@@ -219,10 +245,15 @@ class ShardedRMSProp(torch.optim.Optimizer):
         self._rank, self._world = _group_rank_size(process_group)
         self._comm_dtype = comm_dtype
         self._steps = 0
+        # The engine's update count and product of betas, kept here too so that a rank that owns
+        # no block still writes them into its state (torch.distributed.checkpoint dedups them).
+        self._updates, self._beta_product = 0, 1.0
         self._block_size = int(block_size)
         self._refresh_every = int(refresh_every)
         self._max_failures = int(max_consecutive_failures)
-        options = dict(beta=beta, eps=eps, form=form, refresh_every=refresh_every,
+        # With beta="auto" the engine starts at any valid beta; step() sets the step's own.
+        options = dict(beta=0.5 if isinstance(beta, str) else beta, eps=eps, form=form,
+                       refresh_every=refresh_every,
                        dtype=self._np_dtype, tol=tol, bias_correction=bias_correction,
                        max_consecutive_failures=max_consecutive_failures,
                        fallback_eps=fallback_eps)
@@ -239,6 +270,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
             "refresh_every": self._refresh_every,
             "form": form,
             "beta": repr(beta),
+            "C": C,
+            "burn_in": burn_in,
             "eps": float(eps),
             "tol": tol,
             "bias_correction": bool(bias_correction),
@@ -259,12 +292,12 @@ class ShardedRMSProp(torch.optim.Optimizer):
         self._engine: BlockEngine | None = None
         if self._owned:
             self._engine = BlockEngine(self._own_sizes, **options)
-            self._stagger_like_global()
+            self._stagger_like_single_process()
         # Where each entry of the flat parameter vector sits in the two communication buffers.
         L, W = self._L, self._world
         rs = np.empty(sum(sizes), dtype=np.int64)
         ag = np.empty(sum(sizes), dtype=np.int64)
-        own_lr_group = []
+        own_lr_group, own_flat = [], []
         for r in range(W):
             local = 0
             for b in self.assignment.blocks[r]:
@@ -274,10 +307,13 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 local += B
                 if r == self._rank:
                     own_lr_group.append(np.full(B, group_of[self._blocks[b][0]], dtype=np.int64))
+                    own_flat.append(off + np.arange(B))
         self._pos_rs = torch.from_numpy(rs)
         self._pos_ag = torch.from_numpy(ag)
         self._own_group = (np.concatenate(own_lr_group) if own_lr_group
                            else np.zeros(0, dtype=np.int64))
+        self._own_flat = torch.from_numpy(np.concatenate(own_flat) if own_flat
+                                          else np.zeros(0, dtype=np.int64))
         self._numels = [p.numel() for p in self._params]
         if sync_parameters and self._world > 1:
             self._broadcast_parameters()
@@ -302,13 +338,20 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 where = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
                 raise ValueError(f"the ranks' configurations differ in {key}: {where}")
 
-    def _stagger_like_global(self) -> None:
+    def _stagger_like_single_process(self) -> None:
+        """Block j of a tensor first refreshes at offset j mod refresh_every, as in the tensor's
+        own engine in :class:`saddlescape.torch.RMSProp`, so that a shard refreshes every block
+        at the step the single-process optimizer does."""
         eng = self._engine._engine
         updates, product, data, scalars = eng.save()
         recs = split_block_states((updates, product, data, scalars), self._own_sizes,
                                   self._refresh_every)
+        local, seen = [], {}
+        for i, _, _ in self._blocks:
+            local.append(seen.get(i, 0))
+            seen[i] = local[-1] + 1
         for rec, b, B in zip(recs, self._owned, self._own_sizes):
-            set_stagger(rec, B, self._refresh_every, b)
+            set_stagger(rec, B, self._refresh_every, local[b])
         d, s = join_block_states(recs, self._own_sizes, self._refresh_every, self._np_dtype)
         eng.load(updates, product, d, s)
 
@@ -363,6 +406,67 @@ class ShardedRMSProp(torch.optim.Optimizer):
         return {"reduce_scatter": rs, "all_gather": ag, "total": rs + ag,
                 "ddp_allreduce": int(round(2 * (W - 1) * D / W * c))}
 
+    def partition(self) -> list[dict[str, Any]]:
+        """How the parameters map to blocks and ranks, in the format of
+        :meth:`saddlescape.torch.RMSProp.partition` (``group``, ``index``, ``shape``, ``numel``,
+        ``structure`` "block", ``block_sizes``) plus ``owners``, the rank of each block."""
+        out, b = [], 0
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                sizes = partition(p.numel(), self._block_size)
+                owners = [int(self.assignment.owner[b + j]) for j in range(len(sizes))]
+                b += len(sizes)
+                out.append({"group": gi, "index": i, "shape": tuple(p.shape), "numel": p.numel(),
+                            "structure": "block", "block_sizes": sizes, "owners": owners})
+        return out
+
+    def statistics(self, all_ranks: bool = False) -> dict[str, Any]:
+        """Figures worth logging, as :meth:`saddlescape.torch.RMSProp.statistics`' (``blocks``,
+        ``lambda_min``, ``lambda_max``, ``condition_max``, ``condition_median``, the totals
+        ``refreshes``, ``failed_refreshes``, ``float64_retries``, ``eps_retries``,
+        ``kept_bases``), over this rank's blocks, or with ``all_ranks=True`` over every rank's
+        (a collective: every rank must call it then). ``per_block`` maps global block index to
+        that block's lambda_min, lambda_max, condition and refreshes.
+
+        Raises:
+            DistributedError: all_ranks=True and the gather failed.
+        """
+        per: dict[int, dict[str, float]] = {}
+        totals = dict.fromkeys(("refreshes", "failed_refreshes", "float64_retries", "eps_retries",
+                                "kept_bases"), 0)
+        if self._engine is not None:
+            st = self._engine.statistics()
+            for j, b in enumerate(self._owned):
+                per[b] = {"lambda_min": float(st["lambda_min"][j]),
+                          "lambda_max": float(st["lambda_max"][j]),
+                          "condition": float(st["condition"][j]),
+                          "refreshes": int(st["refreshes"][j])}
+            for k in totals:
+                totals[k] = int(st[f"total_{k}"])
+        if all_ranks:
+            mine = (per, totals)
+            every: list[Any] = [None] * self._world
+            self._collective("statistics (all_gather_object)",
+                             lambda: dist.all_gather_object(every, mine, group=self._group))
+            per, totals = {}, dict.fromkeys(totals, 0)
+            for their_per, their_totals in every:
+                per.update(their_per)
+                for k in totals:
+                    totals[k] += their_totals[k]
+        vals = [per[b] for b in sorted(per)]
+        cond = [v["condition"] for v in vals]
+        nan = float("nan")
+        out: dict[str, Any] = {
+            "blocks": len(vals),
+            "lambda_min": min((v["lambda_min"] for v in vals), default=nan),
+            "lambda_max": max((v["lambda_max"] for v in vals), default=nan),
+            "condition_max": max(cond, default=nan),
+            "condition_median": float(np.median(cond)) if cond else nan,
+        }
+        out.update(totals)
+        out["per_block"] = {b: per[b] for b in sorted(per)}
+        return out
+
     # ---------------------------------------------------------------- the step
     def _flat_gradients(self) -> torch.Tensor:
         pieces = []
@@ -394,11 +498,13 @@ class ShardedRMSProp(torch.optim.Optimizer):
             DistributedError: a collective failed (a rank died or timed out); nothing changed
                 on this rank.
         """
-        loss, failure = None, None
+        loss, failure, beta = None, None, 0.0
         W, L, comm = self._world, self._L, self._comm_dtype
+        burn = self._steps < self._burn_in
         # Both buffers carry one status entry per rank segment after the L payload entries.
         send = torch.zeros(W * (L + 1), dtype=comm)
         try:
+            beta = self._step_beta()
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
@@ -432,11 +538,23 @@ class ShardedRMSProp(torch.optim.Optimizer):
         saved = None
         if not early and self._engine is not None:
             try:
-                g = (recv[:self._n_own].to(self._dtype) / W).numpy()
+                gt = recv[:self._n_own].to(self._dtype) / W
+                wds = [float(grp["weight_decay"]) for grp in self.param_groups]
+                if any(wds):
+                    with torch.no_grad():
+                        p_own = torch.cat([p.detach().reshape(-1) for p in self._params])
+                        wd = torch.tensor(wds, dtype=self._dtype)[self._own_group]
+                        gt = gt + wd * p_own[self._own_flat]
+                g = gt.numpy()
                 lrs = np.array([grp["lr"] for grp in self.param_groups], dtype=self._np_dtype)
                 if self._risky(g, lrs):
                     saved = self._engine._engine.save()
-                d = self._engine.update_direction(g)
+                self._engine.set_beta(beta)
+                if burn:  # the estimates only (Algorithm 3): no update to gather
+                    self._engine.update(g)
+                    d = np.zeros_like(g)
+                else:
+                    d = self._engine.update_direction(g)
                 u = torch.from_numpy(d * lrs[self._own_group])
                 if not bool(torch.isfinite(u).all()):
                     raise _core.NumericalError(f"rank {self._rank}: the update of its blocks is "
@@ -449,6 +567,20 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 failure = e
         if early:
             self._fail(failure, None)
+        if burn:
+            # Nothing moves during burn-in: the ranks need only agree that every engine
+            # updated, one status entry instead of the updates' all-gather.
+            status_sum = torch.tensor([0.0 if failure is None else 1.0])
+            try:
+                self._collective("burn-in status all-reduce",
+                                 lambda: dist.all_reduce(status_sum, group=self._group))
+            except DistributedError:
+                self._restore(saved)
+                raise
+            if bool(status_sum[0] != 0):
+                self._fail(failure, saved)
+            self._commit_step(beta)
+            return loss
         update[L] = 0 if failure is None else 1
         gathered = torch.empty(W * (L + 1), dtype=comm)
         ag_fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -462,8 +594,23 @@ class ShardedRMSProp(torch.optim.Optimizer):
             self._fail(failure, saved)
         with torch.no_grad():
             self._unflatten_into(gathered[self._pos_ag].to(self._dtype), assign=False)
-        self._steps += 1
+        self._commit_step(beta)
         return loss
+
+    def _commit_step(self, beta: float) -> None:
+        self._steps += 1
+        self._updates += 1
+        self._beta_product *= beta
+
+    def _step_beta(self) -> float:
+        """The step's beta: the constant, or 1 - C lr^(2/3) from the groups' common lr."""
+        if not isinstance(self._beta, str):
+            return float(self._beta)
+        lrs = sorted({float(g["lr"]) for g in self.param_groups})
+        if len(lrs) != 1:
+            raise ValueError(f"beta='auto' needs one lr in all param groups (one beta_t = 1 - C "
+                             f"lr_t^(2/3) for the step); the groups have lr {lrs}")
+        return _beta_value("beta", "auto", self._C, lrs[0])
 
     def _risky(self, g: np.ndarray, lrs: np.ndarray) -> bool:
         """Whether the engine call of this step could fail after committing on another rank,
@@ -514,6 +661,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
             "beta": self._config["beta"],
             "steps": self._steps,
             "lr": [g["lr"] for g in self.param_groups],
+            "weight_decay": [g["weight_decay"] for g in self.param_groups],
             "world_size": self._world,
         }
 
@@ -523,7 +671,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
         with ``updates`` and ``beta_product`` (the same on every rank that owns a block)."""
         out = self._header()
         out["blocks"] = {}
-        out["updates"], out["beta_product"] = None, None
+        out["updates"], out["beta_product"] = self._updates, self._beta_product
         if self._engine is not None:
             raw = self._engine._engine.save()
             out["updates"], out["beta_product"] = int(raw[0]), float(raw[1])
@@ -577,9 +725,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
 
     _pending: Callable[[], None] | None = None
 
-    def _load_local(self, state: dict[str, Any]) -> None:
-        """Checks a state against this rank and prepares (in ``_pending``) the commit."""
-        self._pending = None
+    def _check_header(self, state: Any) -> None:
+        """Raises ValueError naming the first field of ``state``'s header that does not fit."""
         if not isinstance(state, dict) or state.get("kind") != "ShardedRMSProp":
             raise ValueError("the state is not a ShardedRMSProp state_dict")
         if state.get("version") != STATE_VERSION:
@@ -599,6 +746,11 @@ class ShardedRMSProp(torch.optim.Optimizer):
         if len(state.get("lr", [])) != len(self.param_groups):
             raise ValueError(f"the state has {len(state.get('lr', []))} param groups, this "
                              f"optimizer {len(self.param_groups)}")
+
+    def _load_local(self, state: dict[str, Any]) -> None:
+        """Checks a state against this rank and prepares (in ``_pending``) the commit."""
+        self._pending = None
+        self._check_header(state)
         blocks = state.get("blocks", {})
         missing = [b for b in self._owned if b not in blocks]
         if missing:
@@ -617,13 +769,16 @@ class ShardedRMSProp(torch.optim.Optimizer):
             loaded = self._engine._engine.save()
             self._engine._engine.load(*probe)
         lrs, steps = list(state["lr"]), int(state["steps"])
+        wds = list(state.get("weight_decay", [g["weight_decay"] for g in self.param_groups]))
+        counters = (int(state["updates"]), float(state["beta_product"]))
 
         def commit() -> None:
             if loaded is not None:
                 self._engine._engine.load(*loaded)
-            for g, lr in zip(self.param_groups, lrs):
-                g["lr"] = lr
+            for g, lr, wd in zip(self.param_groups, lrs, wds):
+                g["lr"], g["weight_decay"] = lr, wd
             self._steps = steps
+            self._updates, self._beta_product = counters
 
         self._pending = commit
 
@@ -678,3 +833,109 @@ class ShardedRMSProp(torch.optim.Optimizer):
         self.load_state_dict(payload["optimizer"])
         return payload
 
+
+    # ---------------------------------------------------------------- torch.distributed.checkpoint
+    def _dcp_paths(self, path: str | os.PathLike[str]) -> tuple[str, str, str]:
+        final = os.path.abspath(os.fspath(path))
+        return final, final + ".partial", final + ".previous"
+
+    def save_sharded_checkpoint(self, path: str | os.PathLike[str],
+                                extra: dict[str, Any] | None = None) -> None:
+        """Writes a ``torch.distributed.checkpoint`` (DCP) directory at ``path``: each rank
+        writes its own blocks (nothing is gathered: a rank writes and holds only its shard) and
+        the replicated rest (the header; ``extra``, e.g. ``{"model": model.state_dict()}``,
+        identical on every rank) is written once. Collective. ``path`` must be on a file system
+        that every rank sees, as DCP requires.
+
+        Atomic: DCP writes ``path + ".partial"``; when every rank has finished, rank 0 moves the
+        old ``path`` to ``path + ".previous"``, the new one to ``path``, and removes the previous
+        one. A crash at any moment leaves a complete checkpoint at ``path``, or (between the two
+        renames) at ``path + ".previous"``, which :meth:`load_sharded_checkpoint` then reads.
+
+        Raises:
+            RuntimeError: on every rank, naming the rank and error, when a rank could not write;
+                the previous checkpoint is then intact.
+            DistributedError: a collective failed.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        final, tmp, prev = self._dcp_paths(path)
+        error = None
+        if self._rank == 0:
+            try:
+                if os.path.exists(tmp):  # left by a save that crashed
+                    shutil.rmtree(tmp)
+            except OSError as e:
+                error = f"rank 0 could not remove {tmp!r}: {e}"
+        bad = self._gather_errors("sharded checkpoint preparation", error)
+        if bad:
+            raise RuntimeError(bad)
+        payload = {"optimizer": self.state_dict(), **(extra or {})}
+        try:
+            dcp.save(payload, storage_writer=dcp.FileSystemWriter(tmp), process_group=self._group)
+        except (Exception, CheckpointException) as e:
+            error = f"rank {self._rank}: torch.distributed.checkpoint.save: {type(e).__name__}: {e}"
+        bad = self._gather_errors("sharded checkpoint write", error)
+        if bad:
+            raise RuntimeError(bad)
+        if self._rank == 0:
+            try:
+                if os.path.exists(final):
+                    if os.path.exists(prev):
+                        shutil.rmtree(prev)
+                    os.rename(final, prev)
+                os.rename(tmp, final)
+                shutil.rmtree(prev, ignore_errors=True)
+            except OSError as e:
+                error = f"rank 0 could not move {tmp!r} to {final!r}: {e}"
+        bad = self._gather_errors("sharded checkpoint commit", error)
+        if bad:
+            raise RuntimeError(bad)
+
+    def load_sharded_checkpoint(self, path: str | os.PathLike[str],
+                                extra: dict[str, Any] | None = None) -> None:
+        """Loads a directory of :meth:`save_sharded_checkpoint`, saved at any world size: each
+        rank reads only the blocks it owns now (DCP finds them by global block index in any
+        saving rank's file). ``extra`` is filled in place, as DCP does (pass
+        ``{"model": model.state_dict()}``: its tensors are the model's, so the model is loaded).
+        Collective; the optimizer commits on every rank or on none.
+
+        Raises:
+            ValueError: on every rank: no checkpoint at ``path`` (nor ``path.previous``), or one
+                of another configuration (naming the field: block sizes, parameter shapes,
+                refresh_every, dtype, form, eps, beta, the number of groups), or DCP could not
+                read it; the optimizer is then unchanged.
+            DistributedError: a collective failed.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        final, _, prev = self._dcp_paths(path)
+        where = next((p for p in (final, prev) if os.path.isfile(os.path.join(p, ".metadata"))),
+                     None)
+        error = None if where is not None else (f"rank {self._rank}: no checkpoint at {final!r} "
+                                                f"(nor at {prev!r})")
+        header: dict[str, Any] = {"optimizer": {k: None for k in self._header()}}
+        if where is not None:
+            # The header first, so that a checkpoint of another configuration is named as such
+            # before DCP meets blocks of other shapes.
+            try:
+                dcp.load(header, storage_reader=dcp.FileSystemReader(where),
+                         process_group=self._group)
+                self._check_header(header["optimizer"])
+            except (Exception, CheckpointException) as e:
+                error = f"rank {self._rank}: {type(e).__name__}: {e}"
+        bad = self._gather_errors("sharded checkpoint header", error)
+        if bad:
+            raise ValueError("load_sharded_checkpoint failed, nothing loaded: " + bad)
+        template = self.state_dict()  # this rank's blocks: the keys and shapes to read
+        payload = {"optimizer": template, **(extra or {})}
+        try:
+            dcp.load(payload, storage_reader=dcp.FileSystemReader(where), process_group=self._group)
+        except (Exception, CheckpointException) as e:
+            error = f"rank {self._rank}: {type(e).__name__}: {e}"
+        bad = self._gather_errors("sharded checkpoint read", error)
+        if bad:
+            raise ValueError("load_sharded_checkpoint failed, nothing loaded: " + bad)
+        self.load_state_dict(payload["optimizer"])
