@@ -5,6 +5,7 @@
 #   1. builds and installs the package with the CUDA backend (SADDLESCAPE_ENABLE_CUDA=ON),
 #   2. runs tests/gpu (and, with CPP_SMOKE=1, the C++ smoke test),
 #   3. trains the MLP with saddlescape.torch on the GPU against the CPU (bench/gpu/torch_check.py),
+#      and with ShardedRMSProp on NCCL, one process per GPU (bench/gpu/dist_check.py),
 #   4. times batched inverse roots, the diagonal step and the many-seed runner
 #      (bench/gpu/bench_gpu.py), printing a short table last.
 # The build needs scipy-openblas32 and cmeel-eigen, which that image lacks: run
@@ -69,6 +70,15 @@ stamp "saddlescape.torch on the GPU against the CPU"
 # The diagonal optimizers train the MLP on CUDA tensors and on CPU tensors from one start.
 if [[ "${DRY_RUN:-0}" == 1 ]]; then dev=cpu; else dev=cuda; fi
 timeout 90 "$python" bench/gpu/torch_check.py --device "$dev" 2>&1 | tee "$out/torch_check.log"
+
+stamp "ShardedRMSProp on CUDA parameters with NCCL against the single-process CPU optimizer"
+# One process per GPU (world size 1 on a single GPU still runs NCCL and the host-staged engine).
+if [[ "${DRY_RUN:-0}" == 1 ]]; then dargs="--backend gloo --device cpu"; ngpu=2; else
+  dargs=""; ngpu=$(nvidia-smi -L 2>/dev/null | wc -l); [[ "$ngpu" -ge 1 ]] || ngpu=1; fi
+# shellcheck disable=SC2086
+OMP_NUM_THREADS=2 timeout 120 "$python" -m torch.distributed.run --standalone \
+  --nproc_per_node="$ngpu" bench/gpu/dist_check.py $dargs 2>&1 | grep -v "UserWarning\|^  " \
+  | tee "$out/dist_check.log" | tail -5
 
 stamp "benchmarks"
 timeout 270 "$python" bench/gpu/bench_gpu.py --budget 200 --out "$out/bench.json" 2>&1 | tee "$out/bench.log"

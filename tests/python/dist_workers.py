@@ -85,6 +85,77 @@ def exact_run(rank: int, world: int, start: int, steps: int, load: str | None,
             "bytes": opt.communication_bytes(), "n_blocks": len(opt.blocks)}
 
 
+def make_case(case: str):
+    """Parameters, groups, ShardedRMSProp/RMSProp options and an LR schedule (a LambdaLR factor,
+    or None) of the option scenarios, shared by the workers and the single-process reference."""
+    params, groups = make_params()
+    if case == "decay":
+        groups[0]["weight_decay"], groups[1]["weight_decay"] = 0.1, 0.02
+        return params, groups, dict(burn_in=2, bias_correction=True), None
+    if case == "auto":
+        return params, [{"params": params, "lr": 0.02}], dict(beta="auto", C=0.5, burn_in=1), \
+            _halving
+    raise ValueError(case)
+
+
+def _halving(t: int) -> float:
+    return 0.5 ** (t // 2)
+
+
+def options_run(rank: int, world: int, case: str, steps: int) -> dict:
+    """The exact scenario with the options of ``case`` (make_case); the parameters after every
+    step, statistics over all ranks, the partition."""
+    params, groups, kw, schedule = make_case(case)
+    opt = make_optimizer(groups, **kw)
+    sched = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    xs = []
+    for t in range(steps):
+        _set_grads(params, t, rank, world)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        xs.append(_flat(params))
+    out = {"x": np.array(xs), "stats": opt.statistics(all_ranks=True),
+           "local_stats": opt.statistics(), "partition": opt.partition()}
+    if case == "auto":  # beta="auto" with groups of different lr: the same error everywhere
+        params2, groups2 = make_params()
+        opt2 = make_optimizer(groups2, beta="auto")
+        _set_grads(params2, 0, rank, world)
+        x0 = _flat(params2)
+        try:
+            opt2.step()
+            out["two_lrs"] = ("no error", "", True)
+        except Exception as e:  # noqa: BLE001
+            out["two_lrs"] = (type(e).__name__, str(e), np.array_equal(x0, _flat(params2)))
+    return out
+
+
+def dcp_run(rank: int, world: int, start: int, steps: int, load: str | None,
+            save: str | None) -> dict:
+    """exact_run with torch.distributed.checkpoint (save_sharded_checkpoint) instead of the
+    gathered file; the parameters travel in ``extra``."""
+    params, groups = make_params()
+    opt = make_optimizer(groups)
+    extra = {"params": {f"p{i}": p.detach() for i, p in enumerate(params)}}
+    if load is not None:
+        opt.load_sharded_checkpoint(load, extra)  # fills the parameters in place
+    for t in range(start, start + steps):
+        _set_grads(params, t, rank, world)
+        opt.step()
+    if save is not None:
+        opt.save_sharded_checkpoint(save, extra)
+    out = {"x": _flat(params), "owned": opt.owned_blocks}
+    if load is not None:  # a checkpoint of another block size is named, on every rank
+        _, groups2 = make_params()
+        other = make_optimizer(groups2, block_size=BLOCK_SIZE + 1, sync_parameters=False)
+        try:
+            other.load_sharded_checkpoint(load)
+            out["mismatch"] = ("no error", "")
+        except Exception as e:  # noqa: BLE001
+            out["mismatch"] = (type(e).__name__, str(e))
+    return out
+
+
 # ------------------------------------------------------------------ a real model
 def mlp_data():
     rng = np.random.default_rng(3)

@@ -97,6 +97,77 @@ def test_bytes_per_step_match_ddp(resumed):
     assert one[0]["bytes"]["total"] == 0
 
 
+@pytest.mark.parametrize("case", ["decay", "auto"])
+def test_options_equal_the_single_process_optimizer(case):
+    """burn_in, bias correction and weight decay per group; beta="auto" following a scheduler:
+    the same as saddlescape.torch.RMSProp on the mean gradients, at 2 and 3 ranks."""
+    steps = 7
+    params, groups, kw, schedule = w.make_case(case)
+    kw = {**dict(beta=0.9, eps=1e-3, block_size=w.BLOCK_SIZE, refresh_every=w.REFRESH_EVERY),
+          **kw}
+    opt = saddlescape.torch.RMSProp(groups, structure="block", **kw)
+    sched = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    ref = []
+    for t in range(steps):
+        for p, g in zip(params, w.mean_gradient(t)):
+            p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        if sched is not None:
+            sched.step()
+        ref.append(np.concatenate([p.detach().numpy().reshape(-1) for p in params]))
+    ref = np.array(ref)
+    single = opt.statistics()
+    x0 = np.concatenate([a.reshape(-1) for a in w.initial_parameters()])
+    np.testing.assert_array_equal(ref[0], x0)  # burn-in: the first step moves nothing
+    assert np.abs(ref[-1] - ref[1]).max() > 1e-3
+    for world in (2, 3):
+        runs = harness.values(harness.launch(w.options_run, world, case, steps, timeout=LIMIT))
+        for r in runs[1:]:
+            np.testing.assert_array_equal(r["x"], runs[0]["x"])
+        if case == "decay":  # g + wd p is added in another order of operations
+            np.testing.assert_allclose(runs[0]["x"], ref, rtol=0, atol=2e-6)
+        else:
+            np.testing.assert_array_equal(runs[0]["x"], ref)
+        stats = runs[0]["stats"]
+        assert stats["blocks"] == single["blocks"] == sum(r["local_stats"]["blocks"] for r in runs)
+        assert stats["refreshes"] == single["refreshes"]
+        np.testing.assert_allclose(stats["lambda_max"], single["lambda_max"], rtol=1e-5)
+        assert stats == runs[-1]["stats"]
+        part = runs[0]["partition"]
+        assert [q["block_sizes"] for q in part] == [q["block_sizes"] for q in opt.partition()]
+        owners = [o for q in part for o in q["owners"]]
+        for r, run in enumerate(runs):
+            assert sorted(b for b, o in enumerate(owners) if o == r) == sorted(
+                run["local_stats"]["per_block"])
+        if case == "auto":
+            for r in runs:
+                t, m, unchanged = r["two_lrs"]
+                assert t == "DistributedStepError" and "beta='auto' needs one lr" in m
+                assert unchanged
+
+
+def test_torch_distributed_checkpoint_resumes_across_world_sizes(tmp_path):
+    """save_sharded_checkpoint / load_sharded_checkpoint (DCP): 2 ranks write, 3 ranks resume
+    and overwrite the same path, 1 rank resumes; equal to the uninterrupted single-process run
+    bit for bit. Each rank writes its own file; a checkpoint of another block size is named."""
+    ref = _reference(9)
+    path = str(tmp_path / "ckpt")
+    two = harness.values(harness.launch(w.dcp_run, 2, 0, 4, None, path, timeout=LIMIT))
+    files = sorted(os.listdir(path))
+    assert ".metadata" in files and sum(f.endswith(".distcp") for f in files) == 2
+    np.testing.assert_array_equal(two[0]["x"], ref[3])
+    three = harness.values(harness.launch(w.dcp_run, 3, 4, 3, path, path, timeout=LIMIT))
+    for r in three:
+        np.testing.assert_array_equal(r["x"], ref[6])  # 2 -> 3
+        t, m = r["mismatch"]
+        assert t == "ValueError" and "block_sizes" in m
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .partial / .previous left
+    # A crash between rank 0's two renames leaves only ckpt.previous: it is read.
+    os.rename(path, path + ".previous")
+    one = harness.values(harness.launch(w.dcp_run, 1, 7, 2, path, None, timeout=LIMIT))
+    np.testing.assert_array_equal(one[0]["x"], ref[8])  # 3 -> 1
+
+
 def _mlp_reference(steps: int) -> np.ndarray:
     model = w.make_mlp()
     X, y = w.mlp_data()

@@ -47,6 +47,14 @@ updates sent with 8 (11) significant bits, a relative error of about 2^-9 (2^-12
 step, and the result is no longer the single-process one to float32 rounding (ranks still agree
 bit for bit).
 
+Devices. CPU parameters with gloo; CUDA parameters with NCCL (the collectives move CUDA
+tensors; call ``torch.cuda.set_device(local_rank)`` before ``init_process_group``, as NCCL
+needs) or with gloo (the collectives' buffers are staged through the host). The blocks are
+always the C++ engine's, on the host: each step a rank copies its share of the gradient (L
+entries) to the host and its updates back, 2 L c bytes over PCIe, and the CPU cores of the rank
+compute its blocks. This is a correct, not a fast, GPU route: the GPU computes the model, the
+host the preconditioner.
+
 Faults. A step either commits on every rank or on none. A rank whose closure raises or whose
 gradient is missing or non-finite still takes part in the reduce-scatter, with status 1; the
 summed status tells every rank, before any engine is touched, and all raise. A rank whose
@@ -63,7 +71,11 @@ restoring the state. Configurations that differ across ranks (parameter shapes a
 block_size, refresh_every, form, beta, eps, comm_dtype, ...) raise ValueError naming the field
 at construction, on every rank.
 
-Checkpoints. :meth:`ShardedRMSProp.state_dict` is the rank's shard, keyed by global block index;
+Checkpoints. :meth:`ShardedRMSProp.state_dict` is the rank's shard, keyed by global block index
+(tensors, with the replicated header: the layout ``torch.distributed.checkpoint`` expects);
+:meth:`ShardedRMSProp.save_sharded_checkpoint` / :meth:`ShardedRMSProp.load_sharded_checkpoint`
+write and read it with ``torch.distributed.checkpoint`` (every rank writes its own blocks, no
+gather; any world size reads it; the directory is swapped in atomically);
 :meth:`ShardedRMSProp.consolidated_state_dict` gathers all shards to one rank;
 :meth:`ShardedRMSProp.save_checkpoint` writes that atomically (a temporary file, fsync,
 ``os.replace``) so that a crash while saving leaves the previous checkpoint intact; any world size
@@ -154,7 +166,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
     the parameters (see the module docstring for the math, the communication and the faults).
 
     Args:
-        params: the parameters (CPU tensors, all float32 or all float64), or param groups; groups
+        params: the parameters (all float32 or all float64, all on the CPU or all on one CUDA
+            device; see the module docstring for CUDA), or param groups; groups
             may differ in ``lr`` and ``weight_decay``.
         lr: the step size (read from each group at every step, so LR schedulers work).
         beta: EMA weight in [0, 1), or "auto" for beta_t = 1 - C lr_t^(2/3) at each step (as
@@ -177,7 +190,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
             reduce-scatter moves as many bytes as an all-reduce, native otherwise.
 
     Raises:
-        ValueError: bad options; parameters not on the CPU, not float32/float64, of mixed dtypes
+        ValueError: bad options; parameters not on one CPU or CUDA device (or CPU parameters
+            with NCCL), not float32/float64, of mixed dtypes
             or without entries; configuration differing across ranks (naming the field and the
             ranks); no initialised process group.
         TypeError: process_group is not a process group.
@@ -223,10 +237,15 @@ class ShardedRMSProp(torch.optim.Optimizer):
         if not self._params:
             raise ValueError("ShardedRMSProp got no parameters")
         dtypes = {p.dtype for p in self._params}
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device, got "
+                             f"{sorted(map(str, devices))}")
+        self._device = next(iter(devices))
+        if self._device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the parameters are on {self._device}; ShardedRMSProp takes CPU or "
+                             f"CUDA parameters")
         for i, p in enumerate(self._params):
-            if p.device.type != "cpu":
-                raise ValueError(f"parameter {i} is on {p.device}; ShardedRMSProp runs its "
-                                 f"blocks on the CPU (move the model to the CPU, use gloo)")
             if p.dtype not in _NP_DTYPES:
                 raise ValueError(f"parameter {i} has dtype {p.dtype}; float32 or float64 needed")
             if p.is_sparse or p.is_complex():
@@ -240,6 +259,13 @@ class ShardedRMSProp(torch.optim.Optimizer):
             raise ValueError(f"reduce_scatter must be 'auto', 'native' or 'all_to_all', got "
                              f"{reduce_scatter!r}")
         backend = str(dist.get_backend(process_group))
+        # Where the collectives run: NCCL moves CUDA tensors only, gloo is used here with CPU
+        # tensors (CUDA parameters are staged through the host).
+        self._comm_device = torch.device("cuda", torch.cuda.current_device()) \
+            if "nccl" in backend else torch.device("cpu")
+        if self._comm_device.type == "cuda" and self._device.type != "cuda":
+            raise ValueError(f"the {backend} backend needs CUDA parameters, the parameters are on "
+                             f"{self._device} (use gloo for CPU parameters)")
         self._all_to_all = (reduce_scatter == "all_to_all"
                             or (reduce_scatter == "auto" and backend == "gloo"))
         self._rank, self._world = _group_rank_size(process_group)
@@ -266,6 +292,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
             "world_size": self._world,
             "parameter shapes": [tuple(p.shape) for p in self._params],
             "parameter dtype": str(self._dtype),
+            "parameter device type": self._device.type,
             "block_size": self._block_size,
             "refresh_every": self._refresh_every,
             "form": form,
@@ -308,12 +335,12 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 if r == self._rank:
                     own_lr_group.append(np.full(B, group_of[self._blocks[b][0]], dtype=np.int64))
                     own_flat.append(off + np.arange(B))
-        self._pos_rs = torch.from_numpy(rs)
-        self._pos_ag = torch.from_numpy(ag)
+        self._pos_rs = torch.from_numpy(rs).to(self._comm_device)
+        self._pos_ag = torch.from_numpy(ag).to(self._comm_device)
         self._own_group = (np.concatenate(own_lr_group) if own_lr_group
                            else np.zeros(0, dtype=np.int64))
         self._own_flat = torch.from_numpy(np.concatenate(own_flat) if own_flat
-                                          else np.zeros(0, dtype=np.int64))
+                                          else np.zeros(0, dtype=np.int64)).to(self._device)
         self._numels = [p.numel() for p in self._params]
         if sync_parameters and self._world > 1:
             self._broadcast_parameters()
@@ -357,7 +384,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
 
     def _broadcast_parameters(self) -> None:
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in self._params])
+            flat = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self._comm_device)
             self._collective("parameter broadcast",
                              lambda: dist.broadcast(flat, src=dist.get_global_rank(
                                  self._group, 0) if self._group is not None else 0,
@@ -365,6 +392,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
             self._unflatten_into(flat, assign=True)
 
     def _unflatten_into(self, flat: torch.Tensor, assign: bool) -> None:
+        flat = flat.to(self._device)
         for p, piece in zip(self._params, torch.split(flat, self._numels)):
             if assign:
                 p.copy_(piece.view_as(p))
@@ -502,14 +530,15 @@ class ShardedRMSProp(torch.optim.Optimizer):
         W, L, comm = self._world, self._L, self._comm_dtype
         burn = self._steps < self._burn_in
         # Both buffers carry one status entry per rank segment after the L payload entries.
-        send = torch.zeros(W * (L + 1), dtype=comm)
+        dev = self._comm_device
+        send = torch.zeros(W * (L + 1), dtype=comm, device=dev)
         try:
             beta = self._step_beta()
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
             flat = self._flat_gradients()
-            send[self._pos_rs] = flat.to(comm)
+            send[self._pos_rs] = flat.to(device=dev, dtype=comm)
         except Exception as e:
             failure = e
             send.zero_()
@@ -518,7 +547,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
             # gloo's reduce-scatter moves an all-reduce's bytes (measured); an all-to-all sends
             # each segment to its owner only, (W - 1)(L + 1) c bytes per rank like a ring
             # reduce-scatter, and the owner sums the W pieces in rank order, in float32 or wider.
-            pieces = torch.empty(W * (L + 1), dtype=comm)
+            pieces = torch.empty(W * (L + 1), dtype=comm, device=dev)
             self._collective("gradient all-to-all (reduce-scatter)",
                              lambda: dist.all_to_all_single(pieces, send, group=self._group))
             rows = pieces.view(W, L + 1)
@@ -527,24 +556,26 @@ class ShardedRMSProp(torch.optim.Optimizer):
             for r in range(1, W):
                 recv = recv + rows[r].to(acc_dtype)
         else:
-            recv = torch.empty(L + 1, dtype=comm)
+            recv = torch.empty(L + 1, dtype=comm, device=dev)
             rs_fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             self._collective("gradient reduce-scatter",
                              lambda: rs_fn(recv, send, group=self._group))
         # recv[L] sums every rank's status: all ranks know alike whether one failed before
         # the reduce-scatter, and then none of them touches its engine.
         early = bool(recv[L] != 0)
-        update = torch.zeros(L + 1, dtype=comm)
+        update = torch.zeros(L + 1, dtype=comm, device=dev)
         saved = None
         if not early and self._engine is not None:
             try:
-                gt = recv[:self._n_own].to(self._dtype) / W
+                # The blocks are the C++ engine's, on the host: CUDA parameters send this
+                # rank's share of the gradient there and its update back.
+                gt = (recv[:self._n_own].to(self._dtype) / W).cpu()
                 wds = [float(grp["weight_decay"]) for grp in self.param_groups]
                 if any(wds):
                     with torch.no_grad():
                         p_own = torch.cat([p.detach().reshape(-1) for p in self._params])
                         wd = torch.tensor(wds, dtype=self._dtype)[self._own_group]
-                        gt = gt + wd * p_own[self._own_flat]
+                        gt = gt + wd * p_own[self._own_flat].cpu()
                 g = gt.numpy()
                 lrs = np.array([grp["lr"] for grp in self.param_groups], dtype=self._np_dtype)
                 if self._risky(g, lrs):
@@ -559,7 +590,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 if not bool(torch.isfinite(u).all()):
                     raise _core.NumericalError(f"rank {self._rank}: the update of its blocks is "
                                                f"non-finite")
-                update[:self._n_own] = u.to(comm)
+                update[:self._n_own] = u.to(device=dev, dtype=comm)
                 if not bool(torch.isfinite(update[:self._n_own]).all()):
                     raise _core.NumericalError(f"rank {self._rank}: the update overflows "
                                                f"comm_dtype {comm}")
@@ -570,7 +601,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
         if burn:
             # Nothing moves during burn-in: the ranks need only agree that every engine
             # updated, one status entry instead of the updates' all-gather.
-            status_sum = torch.tensor([0.0 if failure is None else 1.0])
+            status_sum = torch.tensor([0.0 if failure is None else 1.0], device=dev)
             try:
                 self._collective("burn-in status all-reduce",
                                  lambda: dist.all_reduce(status_sum, group=self._group))
@@ -582,7 +613,7 @@ class ShardedRMSProp(torch.optim.Optimizer):
             self._commit_step(beta)
             return loss
         update[L] = 0 if failure is None else 1
-        gathered = torch.empty(W * (L + 1), dtype=comm)
+        gathered = torch.empty(W * (L + 1), dtype=comm, device=dev)
         ag_fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         try:
             self._collective("update all-gather", lambda: ag_fn(gathered, update, group=self._group))
@@ -593,7 +624,8 @@ class ShardedRMSProp(torch.optim.Optimizer):
         if bool((status != 0).any()):
             self._fail(failure, saved)
         with torch.no_grad():
-            self._unflatten_into(gathered[self._pos_ag].to(self._dtype), assign=False)
+            self._unflatten_into(gathered[self._pos_ag].to(device=self._device, dtype=self._dtype),
+                                 assign=False)
         self._commit_step(beta)
         return loss
 
