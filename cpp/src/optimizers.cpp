@@ -434,16 +434,26 @@ block_statistics rmsprop::statistics() const {
   SADDLESCAPE_EXPECTS(blocks_ != nullptr || est_ != nullptr, "statistics are kept by RMSProp "
                       "with a factorised estimate (structure 'full' or 'block', not 'diag' or the "
                       "closed 2 x 2 form)");
-  return blocks_ ? blocks_->statistics() : estimator_statistics(*est_);
+  if (blocks_) return blocks_->statistics();
+  block_statistics s = estimator_statistics(*est_);
+  if (!s.failed_refreshes.empty()) s.failed_refreshes[0] += route_failures_;
+  return s;
 }
 
 void rmsprop::inject_refresh_failures(index_t block, std::int64_t attempts, int stages) {
   SADDLESCAPE_EXPECTS(blocks_ != nullptr || est_ != nullptr, "inject_refresh_failures needs "
                       "RMSProp with a factorised estimate (structure 'full' or 'block')");
-  if (blocks_)
+  if (blocks_) {
     blocks_->inject_refresh_failures(block, attempts, stages);
-  else
+  } else if (lowrank_ || tridiagonal_) {
+    SADDLESCAPE_EXPECTS(block == 0, "block must be 0 for structure 'full', got ", block);
+    SADDLESCAPE_EXPECTS(attempts >= 0, "attempts must be >= 0, got ", attempts);
+    SADDLESCAPE_EXPECTS(stages >= 0 && stages <= 4, "stages must be in [0, 4], got ", stages);
+    route_inject_attempts_ = attempts;
+    route_inject_stages_ = stages;
+  } else {
     est_->inject_factor_failures(block, attempts, stages);
+  }
 }
 
 void rmsprop::update_estimate(const double* g) {
@@ -555,14 +565,41 @@ void rmsprop::move(double* x, const double* g, double lr, sampler*) {
   if (closed_2x2_) {
     closed_form_2x2(g2_, spec_, g, dir_.data());
   } else if (lowrank_) {
+    const bool refresh = !lowrank_->valid;
     lowrank_direction(g);  // (may use tridiagonal_ as a fallback, so it is tested first)
+    // The test hook's attempts count refreshes, as the estimators' count factorisations.
+    if (refresh && route_inject_attempts_ > 0) --route_inject_attempts_;
   } else if (tridiagonal_) {
-    est_->estimate(tridiagonal_->matrix());
-    tridiagonal_->apply(spec_, g, dir_.data(), "the estimate G_t");
+    tridiagonal_direction(g, 0);
+    if (route_inject_attempts_ > 0) --route_inject_attempts_;
   } else {
     est_->apply(spec_, g, dir_.data());
   }
   apply_direction(x, dir_.data(), dim_, lr, "(G + eps I)^(-1/2) g");
+}
+
+void rmsprop::tridiagonal_direction(const double* g, int stage) {
+  if (!tridiagonal_) tridiagonal_ = std::make_unique<detail::tridiagonal_apply>(dim_);
+  try {
+    if (injected_route_failure(stage))
+      SADDLESCAPE_NUMERICAL_FAIL("the tridiagonal route failed (injected by the test hook)");
+    est_->estimate(tridiagonal_->matrix());
+    tridiagonal_->apply(spec_, g, dir_.data(), "the estimate G_t");
+    return;
+  } catch (const numerical_error&) {
+    ++route_failures_;
+  }
+  estimator_direction(g, stage + 1);
+}
+
+void rmsprop::estimator_direction(const double* g, int stage) {
+  if (route_inject_attempts_ > 0) {
+    // The chain's remaining injected failures go to the estimator's own hook, whose stages
+    // are its eigendecomposition (0), a float64 retry (1, none for float64) and fallback_eps.
+    const int left = std::max(0, route_inject_stages_ - stage);
+    est_->inject_factor_failures(0, left > 0 ? 1 : 0, left >= 2 ? 3 : left);
+  }
+  est_->apply(spec_, g, dir_.data());
 }
 
 void rmsprop::lowrank_direction(const double* g) {
@@ -571,7 +608,16 @@ void rmsprop::lowrank_direction(const double* g) {
   const int n = static_cast<int>(d);
   if (!L.valid) {
     est_->estimate(L.dense.data());
-    L.root.factor(L.dense.data(), "the estimate G_t");
+    try {
+      if (injected_route_failure(0))
+        SADDLESCAPE_NUMERICAL_FAIL("the lowrank refresh failed (injected by the test hook)");
+      L.root.factor(L.dense.data(), "the estimate G_t");
+    } catch (const numerical_error&) {
+      // This step exactly by the next solver of the chain; the refresh is retried next step.
+      ++route_failures_;
+      tridiagonal_direction(g, 1);
+      return;
+    }
     L.valid = true;
     L.gamma = 1.0;
     L.k = 0;
@@ -670,6 +716,7 @@ void rmsprop::save_extra(optimizer_state& st) const {
     st.scalars["estimate.beta_product"] = e.beta_product;
   } else {
     save_estimator(*est_, st);
+    if (lowrank_ || tridiagonal_) st.scalars["route_failures"] = static_cast<double>(route_failures_);
   }
 }
 
@@ -709,8 +756,12 @@ void rmsprop::load_extra(const optimizer_state& st) {
     e.beta_product = state_scalar(st, "estimate.beta_product");
     blocks_->load(e);  // checks everything before assigning
   } else {
+    // Optional: states from before the full routes' fallback chain have none.
+    std::int64_t failures = 0;
+    if (st.scalars.count("route_failures")) failures = state_count(st, "route_failures");
     load_estimator(*est_, st);
     if (lowrank_) lowrank_->valid = false;
+    route_failures_ = failures;
   }
 }
 

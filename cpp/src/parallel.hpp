@@ -33,7 +33,9 @@ inline unsigned pass_threads() {
 }
 
 // Calls fn(part, begin, end) on disjoint ranges covering [0, n), part = 0, 1, ..., parts - 1,
-// and returns parts. Chunk boundaries are multiples of 64 entries (whole cache lines).
+// and returns parts. Chunk boundaries are multiples of 64 entries (whole cache lines). An
+// exception from fn is rethrown on the calling thread once every thread has joined (the one of
+// the lowest-numbered failing part), never std::terminate; the other parts still run.
 template <class F>
 unsigned parallel_chunks(std::ptrdiff_t n, F&& fn) {
   const unsigned parts = n < parallel_threshold ? 1u : pass_threads();
@@ -42,21 +44,27 @@ unsigned parallel_chunks(std::ptrdiff_t n, F&& fn) {
     return 1;
   }
   const std::ptrdiff_t chunk = ((n + parts - 1) / parts + 63) / 64 * 64;
+  std::vector<std::exception_ptr> errors(parts);
+  auto run = [&fn, &errors, n, chunk](unsigned k) {
+    try {
+      fn(k, std::min(n, k * chunk), std::min(n, (k + 1) * chunk));
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
   pool.reserve(parts - 1);
   unsigned k = 1;
   try {
-    for (; k < parts; ++k) {
-      const std::ptrdiff_t begin = std::min(n, k * chunk), end = std::min(n, (k + 1) * chunk);
-      pool.emplace_back([&fn, k, begin, end] { fn(k, begin, end); });
-    }
+    for (; k < parts; ++k) pool.emplace_back(run, k);
   } catch (const std::system_error&) {
     // No more threads to be had: this thread takes the chunks not started.
   }
-  for (unsigned j = k; j < parts; ++j)
-    fn(j, std::min(n, j * chunk), std::min(n, (j + 1) * chunk));
-  fn(0u, std::ptrdiff_t(0), std::min(n, chunk));
+  for (unsigned j = k; j < parts; ++j) run(j);
+  run(0u);
   for (auto& t : pool) t.join();
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
   return parts;
 }
 

@@ -331,10 +331,12 @@ class RMSProp(Optimizer):
             previous eigenbasis, see :mod:`saddlescape.blocks`) and retry at the next step;
             raise NumericalError naming the block after max_consecutive_failures kept ones in a
             row (or when there is no previous one). Every fallback is counted in
-            :meth:`statistics`. The estimate is float64, so there is no float64 retry. Not
-            covered: the exact tridiagonal route (structure "full", solver "eigh",
-            refresh_every=1, dim > 48) and solver "lowrank" with structure "full", whose
-            failures raise NumericalError at once.
+            :meth:`statistics`. The estimate is float64, so there is no float64 retry.
+            Structure "full"'s exact routes first fall back to another exact solver: a failed
+            refresh of solver "lowrank" hands its step to the tridiagonal route (and is retried
+            at the next step), a failed tridiagonal solve (solver "eigh", refresh_every=1,
+            dim > 48) to the eigendecomposition and its policy above; each such failure is
+            counted in ``failed_refreshes``.
 
     With d = 2 and structure "full" the inverse square root is computed in closed form.
     """

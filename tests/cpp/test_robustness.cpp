@@ -6,11 +6,14 @@
 
 #include <gtest/gtest.h>
 
+#include "../../cpp/src/parallel.hpp"
 #include "expect_throw.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -77,5 +80,25 @@ TEST(Memory, OutOfMemoryIsABadAllocWithAMessage) {
     throw ss::out_of_memory("an EMAEstimator could not allocate its 123 bytes");
   } catch (const std::bad_alloc& e) {
     EXPECT_NE(std::string(e.what()).find("123 bytes"), std::string::npos);
+  }
+}
+
+// parallel_chunks used to run fn on threads with no handler: an exception in any part but the
+// caller's reached std::terminate. It must reach the caller, after every part has run.
+TEST(ParallelChunks, AnExceptionInAnyPartReachesTheCallerAfterAllParts) {
+  const std::ptrdiff_t n = std::ptrdiff_t(1) << 20;  // above parallel_threshold
+  const unsigned parts = ss::detail::pass_threads();
+  for (unsigned bad = 0; bad < std::max(parts, 1u); ++bad) {
+    std::vector<int> ran(std::max(parts, 1u), 0);
+    try {
+      ss::detail::parallel_chunks(n, [&](unsigned k, std::ptrdiff_t, std::ptrdiff_t) {
+        ran[k] = 1;
+        if (k == bad) throw std::runtime_error("part " + std::to_string(k));
+      });
+      FAIL() << "no exception from part " << bad;
+    } catch (const std::runtime_error& e) {
+      EXPECT_EQ(std::string(e.what()), "part " + std::to_string(bad));
+    }
+    for (unsigned k = 0; k < ran.size(); ++k) EXPECT_EQ(ran[k], 1) << "part " << k;
   }
 }

@@ -230,8 +230,8 @@ class RefRMSProp:
         return self.A
 
     def tolerance(self, v) -> float:
-        """1e-10 plus 4 x the sensitivity of f(G) v to rounding-sized perturbations of G."""
-        self.tol = TOL + 4.0 * sensitivity(self.G_factored, v, self.eps, self.form,
+        """1e-10 plus 8 x the sensitivity of f(G) v to rounding-sized perturbations of G."""
+        self.tol = TOL + 8.0 * sensitivity(self.G_factored, v, self.eps, self.form,
                                            self.structure, self.blocks, self.rng)
         self.max_tol = max(self.max_tol, self.tol)
         return self.tol
@@ -457,7 +457,7 @@ def test_rmsprop_matches_numpy(helpers, d, structure, form, family, beta_kind):
         assert_step_close(got, ref.step(g), ref.tol, f"step {t}")
         assert (opt.steps, opt.moves, opt.updates) == (t + 1, t + 1, t + 1)
     # the premise: the tolerance stayed meaningful (module docstring)
-    assert ref.max_tol <= 1e-5
+    assert ref.max_tol <= 2e-5
     # the estimate, in its documented layout: full (d, d), diag (d,), blocks row-major
     assert_estimate_close(opt, ref, len(gs))
     est = opt.estimate()
@@ -1592,3 +1592,73 @@ def test_estimator_without_a_previous_factorisation_raises_and_old_states_load()
         other.load_state_dict(bad)
     with pytest.raises(ValueError, match="statistics are kept by RMSProp with a factorised"):
         ss.RMSProp(4, 1e-2, structure="diag").statistics()
+
+
+# Structure full's exact routes and their fallback chain: lowrank refresh -> tridiagonal ->
+# the estimator's eigendecomposition (-> its fallback_eps retry).
+def _full_reference_steps(grads, lr, beta, eps, x0):
+    G = np.zeros((len(x0), len(x0)))
+    x, out = np.array(x0, dtype=np.float64), []
+    for g in grads:
+        G = beta * G + (1 - beta) * np.outer(g, g)
+        lam, V = np.linalg.eigh(G)
+        x = x - lr * (V @ ((V.T @ g) / np.sqrt(np.clip(lam, 0.0, None) + eps)))
+        out.append(x.copy())
+    return out
+
+
+@pytest.mark.parametrize("solver, refresh", [("lowrank", 4), ("eigh", 1)])
+def test_full_exact_routes_fall_back_along_their_chain(solver, refresh):
+    d, lr, beta, eps = 60, 1e-2, 0.9, 1e-4
+    rng = np.random.default_rng(91)
+    # Rank-deficient early (fewer gradients than d) and ill-conditioned (scales 1e-3 .. 1e3).
+    grads = [rng.standard_normal(d) * np.logspace(-3, 3, d) for _ in range(14)]
+    ref = _full_reference_steps(grads, lr, beta, eps, np.zeros(d))
+    opt = ss.RMSProp(d, lr, beta=beta, eps=eps, structure="full", solver=solver,
+                     refresh_every=refresh, max_consecutive_failures=2)
+
+    def inject(stages, attempts=1):
+        opt._inject_refresh_failures(0, attempts=attempts, stages=stages)
+        if solver == "lowrank":  # loading drops the lowrank factorisation: a refresh is next
+            opt.load_state_dict(opt.state_dict())
+
+    x = np.zeros(d)
+    for t in range(5):
+        opt.step(x, grads[t])
+    # The first solver fails (lowrank: the refresh; eigh: the tridiagonal route): the next one
+    # takes the step, exactly.
+    inject(1)
+    for t in range(5, 10):
+        opt.step(x, grads[t])
+        np.testing.assert_allclose(x, ref[t], rtol=0, atol=1e-9)
+    assert opt.statistics()["failed_refreshes"] == [1]
+    if solver == "lowrank":  # refresh and tridiagonal fail: the eigendecomposition, exactly
+        inject(2)
+        for t in range(10, 13):
+            opt.step(x, grads[t])
+            np.testing.assert_allclose(x, ref[t], rtol=0, atol=1e-9)
+        assert opt.statistics()["failed_refreshes"] == [3]
+    # Every solver fails. lowrank: loading dropped the estimator's factorisation, so there is
+    # nothing to keep: NumericalError at once. eigh: the estimator keeps its previous one once
+    # (counted), and the max_consecutive_failures-th failure in a row is a NumericalError.
+    x_before = x.copy()
+    if solver == "lowrank":
+        inject(4)
+        with pytest.raises(ss.NumericalError, match="no previous one to keep"):
+            opt.step(x, grads[13])
+    else:
+        inject(4, attempts=2)
+        opt.step(x, grads[13])
+        st = opt.statistics()
+        assert st["kept_bases"] == [1] and st["consecutive_failures"] == [1]
+        x_before = x.copy()
+        with pytest.raises(ss.NumericalError, match="2 times in a row"):
+            opt.step(x, grads[13])
+    np.testing.assert_array_equal(x, x_before)
+    # The route's failures are part of the state.
+    other = ss.RMSProp(d, lr, beta=beta, eps=eps, structure="full", solver=solver,
+                       refresh_every=refresh, max_consecutive_failures=2)
+    other.load_state_dict(opt.state_dict())
+    assert other.statistics()["failed_refreshes"] == opt.statistics()["failed_refreshes"]
+    with pytest.raises(ValueError, match="block must be 0"):
+        opt._inject_refresh_failures(1, attempts=1, stages=1)

@@ -224,10 +224,17 @@ class rmsprop final : public optimizer {
   std::vector<double> estimate() const;
   /// Per-block statistics: the block engine's (structure block, solver lowrank), or the
   /// estimator's fallback counters (full, block with solver eigh; the other fields empty).
+  /// Structure full's exact routes (solver lowrank; solver eigh with refresh_every 1 and
+  /// d > 48, the tridiagonal route) also count in failed_refreshes each failed solve of their
+  /// chain: a lowrank refresh that fails hands the step to the tridiagonal route, and a
+  /// tridiagonal solve that fails to the estimator's eigendecomposition (with its fallback
+  /// policy); the lowrank refresh is retried at the next step.
   /// @throws invalid_argument for structure diag and the closed 2 x 2 form.
   block_statistics statistics() const;
   /// The test hook of the block engine or the estimator (inject_refresh_failures /
-  /// inject_factor_failures).
+  /// inject_factor_failures). On structure full's exact routes, the next `attempts` directions
+  /// see the first `stages` solvers of the chain fail (lowrank refresh, tridiagonal, then the
+  /// estimator's eigendecomposition and its fallback_eps retry).
   void inject_refresh_failures(index_t block, std::int64_t attempts, int stages);
 
  protected:
@@ -241,6 +248,15 @@ class rmsprop final : public optimizer {
   void build_parts(bool lowrank);  // the constructor's allocations, after its checks
   void update_estimate(const double* g);
   void lowrank_direction(const double* g);
+  // Structure full's fallback chain from position `stage` on (see statistics()).
+  void tridiagonal_direction(const double* g, int stage);
+  void estimator_direction(const double* g, int stage);
+  bool injected_route_failure(int stage) const noexcept {
+    return route_inject_attempts_ > 0 && stage < route_inject_stages_;
+  }
+  std::int64_t route_failures_ = 0;  // failed lowrank refreshes and tridiagonal solves
+  std::int64_t route_inject_attempts_ = 0;
+  int route_inject_stages_ = 0;
   schedule_ptr lr_, beta_;
   rmsprop_options opts_;
   root_spec spec_;
