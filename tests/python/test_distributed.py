@@ -26,13 +26,12 @@ from saddlescape.torch.distributed import parameter_blocks  # noqa: E402
 LIMIT = 60.0  # seconds per launch: a hang fails the test
 
 
-def _reference(steps: int, **options) -> np.ndarray:
+def _single_process(steps: int, params, groups, options=None, schedule=None):
     """The single-process saddlescape.torch.RMSProp(structure="block") on the exact mean
-    gradients, with the options of dist_workers.make_optimizer (overridden by ``options``)."""
-    params, groups = w.make_params()
-    kw = dict(beta=0.9, eps=1e-3, block_size=w.BLOCK_SIZE, refresh_every=w.REFRESH_EVERY)
-    kw.update(options)
-    schedule = kw.pop("schedule", None)
+    gradients, with the options of dist_workers.make_optimizer (overridden by ``options``) and
+    an optional LambdaLR factor. Returns the parameters after each step and the optimizer."""
+    kw = {**dict(beta=0.9, eps=1e-3, block_size=w.BLOCK_SIZE, refresh_every=w.REFRESH_EVERY),
+          **(options or {})}
     opt = saddlescape.torch.RMSProp(groups, structure="block", **kw)
     sched = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     out = []
@@ -43,7 +42,11 @@ def _reference(steps: int, **options) -> np.ndarray:
         if sched is not None:
             sched.step()
         out.append(np.concatenate([p.detach().numpy().reshape(-1) for p in params]))
-    return np.array(out)
+    return np.array(out), opt
+
+
+def _reference(steps: int) -> np.ndarray:
+    return _single_process(steps, *w.make_params())[0]
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +106,7 @@ def test_options_equal_the_single_process_optimizer(case):
     the same as saddlescape.torch.RMSProp on the mean gradients, at 2 and 3 ranks."""
     steps = 7
     params, groups, kw, schedule = w.make_case(case)
-    kw = {**dict(beta=0.9, eps=1e-3, block_size=w.BLOCK_SIZE, refresh_every=w.REFRESH_EVERY),
-          **kw}
-    opt = saddlescape.torch.RMSProp(groups, structure="block", **kw)
-    sched = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    ref = []
-    for t in range(steps):
-        for p, g in zip(params, w.mean_gradient(t)):
-            p.grad = torch.from_numpy(g.copy())
-        opt.step()
-        if sched is not None:
-            sched.step()
-        ref.append(np.concatenate([p.detach().numpy().reshape(-1) for p in params]))
-    ref = np.array(ref)
+    ref, opt = _single_process(steps, params, groups, kw, schedule)
     single = opt.statistics()
     x0 = np.concatenate([a.reshape(-1) for a in w.initial_parameters()])
     np.testing.assert_array_equal(ref[0], x0)  # burn-in: the first step moves nothing
