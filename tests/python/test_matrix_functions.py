@@ -911,7 +911,7 @@ def test_tiny_asymmetry_is_accepted_and_averaged(helpers, call, dtype, rel):
 @pytest.mark.parametrize("call", CALL_IDS)
 def test_clearly_negative_eigenvalue_is_named(helpers, call):
     g = helpers.with_spectrum([2.0, 1.0, -0.25], np.random.default_rng(8))
-    with helpers.unchanged(g), pytest.raises(ValueError, match=r"eigenvalue -0\.25\b"):
+    with helpers.unchanged(g), pytest.raises(ValueError, match=r"eigenvalue -0\.(25|2499999\d*)\b"):
         CALLS[call](g)
 
 
