@@ -387,8 +387,12 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
       fit(jb.V, nn * nn);
       jb.lambda.assign(nn, 0.0);
       const T sg = static_cast<T>(decay * blk.gamma);
-      for (index_t j = 0; j < n; ++j)
+      // The upper triangle is never read, but it is saved: zero, so that a state does not
+      // depend on what this scratch buffer held before (an engine and its reload then agree).
+      for (index_t j = 0; j < n; ++j) {
+        for (index_t i = 0; i < j; ++i) jb.S[i + j * n] = T(0);
         for (index_t i = j; i < n; ++i) jb.S[i + j * n] = sg * blk.S[i + j * n];
+      }
       fit(sc.rows, static_cast<std::size_t>(rows) * nn);
       for (index_t i = 0; i < blk.k; ++i) {
         const T r = static_cast<T>(std::sqrt(decay * blk.w[i]));

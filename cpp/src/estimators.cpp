@@ -154,6 +154,7 @@ ema_estimator<T>::ema_estimator(index_t dim, schedule_ptr beta, structure s,
   });
   const std::size_t nb = blocks_.size();
   fb_failed_.assign(nb, 0);
+  fb_f64_.assign(nb, 0);
   fb_eps_.assign(nb, 0);
   fb_kept_.assign(nb, 0);
   fb_consecutive_.assign(nb, 0);
@@ -340,7 +341,8 @@ void ema_estimator<T>::refresh_factors() {
   const T c = static_cast<T>(scale_ * correction());
   // Every block is factored into its spare first; the cache changes only once all succeeded
   // or fell back (the fallback policy, file comment).
-  std::vector<int> outcome(nb, 0);  // 0 factored, 2 with fallback_eps, 3 kept the previous
+  // 0 factored, 1 in float64, 2 with fallback_eps, 3 kept the previous
+  std::vector<int> outcome(nb, 0);
   std::vector<char> first_failed(nb, 0);
   for (std::size_t b = 0; b < nb; ++b) {
     const index_t n = blocks_[b];
@@ -361,6 +363,10 @@ void ema_estimator<T>::refresh_factors() {
     };
     if (attempt(0)) continue;
     first_failed[b] = 1;
+    if (sizeof(T) < sizeof(double) && !injected(1) && retry_in_double(b, name)) {
+      outcome[b] = 1;
+      continue;
+    }
     if (fallback_.fallback_eps > 0.0) {
       for (index_t i = 0; i < n; ++i) dense_[i * n + i] += static_cast<T>(fallback_.fallback_eps);
       if (attempt(2)) {
@@ -370,6 +376,7 @@ void ema_estimator<T>::refresh_factors() {
     }
     if (!cache_.roots[b]->factored())
       SADDLESCAPE_NUMERICAL_FAIL("the factorisation of ", name, " failed",
+                                 sizeof(T) < sizeof(double) ? " (also in float64)" : "",
                                  fallback_.fallback_eps > 0.0 ? " (also with fallback_eps)" : "",
                                  " and there is no previous one to keep; nothing was changed");
     if (fb_consecutive_[b] + 1 >= fallback_.max_consecutive_failures)
@@ -382,6 +389,7 @@ void ema_estimator<T>::refresh_factors() {
   for (std::size_t b = 0; b < nb; ++b) {
     if (outcome[b] != 3) std::swap(cache_.roots[b], cache_.spares[b]);
     fb_failed_[b] += first_failed[b];
+    fb_f64_[b] += outcome[b] == 1 ? 1 : 0;
     fb_eps_[b] += outcome[b] == 2 ? 1 : 0;
     fb_kept_[b] += outcome[b] == 3 ? 1 : 0;
     fb_consecutive_[b] = outcome[b] == 3 ? fb_consecutive_[b] + 1 : 0;
@@ -400,6 +408,32 @@ void ema_estimator<T>::refresh_factors() {
 }
 
 template <class T>
+bool ema_estimator<T>::retry_in_double(std::size_t b, const std::string& name) {
+  const index_t n = blocks_[b];
+  const auto nn = static_cast<std::size_t>(n) * static_cast<std::size_t>(n);
+  auto& c = cache_;
+  c.m64.resize(nn);
+  c.lambda64.resize(static_cast<std::size_t>(n));
+  c.work64.resize(1 + 6 * static_cast<std::size_t>(n) + 2 * nn);
+  c.iwork64.resize(3 + 5 * static_cast<std::size_t>(n));
+  // From S itself, the scale applied in double: nothing rounds before the solver.
+  const double scale = scale_ * correction();
+  const T* s = data_.data() + storage_[b];
+  for (index_t j = 0; j < n; ++j)
+    for (index_t i = j; i < n; ++i) c.m64[i + j * n] = scale * double(s[i + j * n]);
+  const int info = detail::lapack::syevd(
+      'V', static_cast<int>(n), c.m64.data(), c.lambda64.data(), c.work64.data(),
+      static_cast<int>(c.work64.size()), c.iwork64.data(), static_cast<int>(c.iwork64.size()));
+  if (info != 0) return false;
+  try {
+    cache_.spares[b]->assign(c.m64.data(), c.lambda64.data(), name);
+    return true;
+  } catch (const numerical_error&) {
+    return false;
+  }
+}
+
+template <class T>
 void ema_estimator<T>::set_fallback(const fallback_options& o) {
   SADDLESCAPE_EXPECTS(o.max_consecutive_failures >= 1,
                       "max_consecutive_failures must be >= 1, got ", o.max_consecutive_failures);
@@ -410,7 +444,7 @@ void ema_estimator<T>::set_fallback(const fallback_options& o) {
 
 template <class T>
 fallback_statistics ema_estimator<T>::fallback_stats() const {
-  return {fb_failed_, fb_eps_, fb_kept_, fb_consecutive_};
+  return {fb_failed_, fb_f64_, fb_eps_, fb_kept_, fb_consecutive_};
 }
 
 template <class T>
@@ -432,6 +466,7 @@ void ema_estimator<T>::load_fallback_counters(const std::vector<double>& c) {
                         "the fallback counters must be integers >= 0, got ", v);
   for (std::size_t b = 0; b < nb; ++b) {
     fb_failed_[b] = static_cast<std::int64_t>(c[4 * b]);
+    fb_f64_[b] = 0;  // not saved (header)
     fb_eps_[b] = static_cast<std::int64_t>(c[4 * b + 1]);
     fb_kept_[b] = static_cast<std::int64_t>(c[4 * b + 2]);
     fb_consecutive_[b] = static_cast<std::int64_t>(c[4 * b + 3]);

@@ -1017,6 +1017,7 @@ eigen_root<T>::eigen_root(index_t dim, eigen_backend backend)
 template <class T>
 void eigen_root<T>::factor(const T* G, std::string_view what) {
   factored_ = false;
+  assigned_ = false;
   const index_t d = dim_;
 #ifdef SADDLESCAPE_LOCKSTEP
   if (use_eigen_ && small_->solo) {
@@ -1063,6 +1064,20 @@ void eigen_root<T>::factor(const T* G, std::string_view what) {
 }
 
 template <class T>
+void eigen_root<T>::assign(const double* vectors, const double* lambda, std::string_view what) {
+  factored_ = false;
+  const index_t d = dim_;
+  for (index_t i = 0; i < d * d; ++i) vectors_[i] = static_cast<T>(vectors[i]);
+  for (index_t i = 0; i < d; ++i) lambda_[i] = static_cast<T>(lambda[i]);
+  // At T's tolerance: a float32 matrix's rounding shows as negative eigenvalues of order
+  // float32's epsilon, which double's tolerance would call clearly negative.
+  lambda_max_abs_ = check_and_clip_spectrum(lambda_.data(), d, what);
+  what_ = std::string(what);
+  assigned_ = true;
+  factored_ = true;
+}
+
+template <class T>
 void eigen_root<T>::compute_weights(const root_spec& spec) {
   spec.validate();
   SADDLESCAPE_EXPECTS(factored_, "eigen_root: factor(G) must succeed before use");
@@ -1074,7 +1089,7 @@ void eigen_root<T>::matrix(const root_spec& spec, T* A) {
   compute_weights(spec);
   const index_t d = dim_;
 #ifdef SADDLESCAPE_LOCKSTEP
-  if (use_eigen_ && small_->solo) {
+  if (use_eigen_ && small_->solo && !assigned_) {
     // In the solver's order, as the batch functions sum.
     for (index_t i = 0; i < d; ++i) small_->weights[small_->order[i]] = weights_[i];
     small_->solo->matrix(small_->weights.data(), A, what_);

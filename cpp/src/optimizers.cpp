@@ -126,7 +126,7 @@ block_statistics estimator_statistics(const ema_estimator<double>& est) {
   const fallback_statistics f = est.fallback_stats();
   block_statistics s;
   s.failed_refreshes = f.failed_refreshes;
-  s.float64_retries.assign(f.failed_refreshes.size(), 0);
+  s.float64_retries = f.float64_retries;  // zeros: the optimizers' estimates are float64
   s.eps_retries = f.eps_retries;
   s.kept_bases = f.kept_bases;
   s.consecutive_failures = f.consecutive_failures;

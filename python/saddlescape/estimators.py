@@ -66,7 +66,8 @@ class EMAEstimator:
             the estimate until this many updates have happened since it was computed (>= 1;
             1 recomputes after every update).
         max_consecutive_failures, fallback_eps: the fallback policy of the full and block
-            factorisations: a block whose eigendecomposition fails numerically is retried with
+            factorisations: a block whose eigendecomposition fails numerically is retried in
+            float64 (float32 estimates: the eigenpairs rounded to float32), then with
             G_b + fallback_eps I (if fallback_eps > 0), else keeps its previous factorisation
             and is refactored at the next use; the max_consecutive_failures-th kept one in a
             row, or a failure with nothing to keep, raises NumericalError naming the block.
@@ -107,14 +108,15 @@ class EMAEstimator:
         self._beta_schedule = as_schedule("beta", beta)
 
     def fallback_statistics(self) -> dict[str, list[int]]:
-        """Per block: ``failed_refreshes``, ``eps_retries``, ``kept_bases`` and
-        ``consecutive_failures`` of the fallback policy (empty lists for "diag")."""
+        """Per block: ``failed_refreshes``, ``float64_retries`` (always 0 for float64),
+        ``eps_retries``, ``kept_bases`` and ``consecutive_failures`` of the fallback policy
+        (empty lists for "diag")."""
         return dict(self._impl.fallback_statistics())
 
     def _inject_factor_failures(self, block: int, attempts: int, stages: int = 3) -> None:
         """Test hook: the next ``attempts`` factorisations of ``block`` that commit see their
-        first ``stages`` solver calls fail (1 or 2: the first; 3: also the fallback_eps
-        retry)."""
+        first ``stages`` solver calls fail (1: the first; 2: also the float64 retry of a
+        float32 estimate; 3: also the fallback_eps retry)."""
         self._impl.inject_factor_failures(integer("block", block), integer("attempts", attempts),
                                           integer("stages", stages))
 

@@ -123,6 +123,7 @@ void bind_ema(py::module_& m, const char* name) {
              const fallback_statistics f = e.fallback_stats();
              py::dict d;
              d["failed_refreshes"] = f.failed_refreshes;
+             d["float64_retries"] = f.float64_retries;
              d["eps_retries"] = f.eps_retries;
              d["kept_bases"] = f.kept_bases;
              d["consecutive_failures"] = f.consecutive_failures;

@@ -1176,3 +1176,53 @@ def test_fallback_policy_of_the_factorisations():
         est.preconditioner(eps=1e-3)
     with pytest.raises(ValueError, match="max_consecutive_failures must be >= 1, got 0"):
         ss.EMAEstimator(3, max_consecutive_failures=0)
+
+
+def _inv_sqrt_f64(G, eps):
+    w, V = np.linalg.eigh(np.asarray(G, dtype=np.float64))
+    w = np.where(np.abs(w) <= G.shape[0] * np.finfo(np.float32).eps * np.abs(w).max(), 0.0, w)
+    return (V / np.sqrt(w + eps)) @ V.T
+
+
+def test_float32_factorisation_is_retried_in_float64():
+    # A rank-deficient (5 samples, d = 40) float32 block: its float32-rounded S has null-space
+    # eigenvalues of order -1e-7 * max, which a float64 solver resolves. They must be clipped at
+    # float32's tolerance (not called clearly negative at float64's), and the retry's roots
+    # agree with a float64 reference of the same estimate.
+    rng = np.random.default_rng(15)
+    sizes = [3, 40, 1]
+    est = ss.EMAEstimator(44, structure="block", block_sizes=sizes, beta=0.9,
+                          dtype=np.float32, fallback_eps=1e-2)
+    scales = np.logspace(0, -6, 44)  # ill-conditioned blocks
+    for _ in range(5):
+        est.update((rng.standard_normal(44) * scales).astype(np.float32))
+    eps = 1e-6
+    est._inject_factor_failures(1, attempts=1, stages=1)
+    roots = est.preconditioner(eps=eps)
+    st = est.fallback_statistics()
+    assert st["failed_refreshes"] == [0, 1, 0]
+    assert st["float64_retries"] == [0, 1, 0] and st["eps_retries"] == [0, 0, 0]
+    assert st["kept_bases"] == [0, 0, 0]
+    for got, G in zip(roots, est.estimate()):
+        want = _inv_sqrt_f64(G, eps)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    # The same direction as an uninjected float32 factorisation, to float32 accuracy.
+    v = rng.standard_normal(44).astype(np.float32)
+    with_retry = est.apply(v, eps=eps).astype(np.float64)
+    want = np.concatenate([_inv_sqrt_f64(G, eps) @ v[o:o + n].astype(np.float64)
+                           for G, o, n in zip(est.estimate(), np.cumsum([0] + sizes), sizes)])
+    assert np.linalg.norm(with_retry - want) <= 2e-4 * np.linalg.norm(want)
+    # stages=2 also fails the float64 retry: the fallback_eps retry is taken instead.
+    est.update((rng.standard_normal(44) * scales).astype(np.float32))
+    est._inject_factor_failures(1, attempts=1, stages=2)
+    est.preconditioner(eps=eps)
+    st = est.fallback_statistics()
+    assert st["float64_retries"] == [0, 1, 0] and st["eps_retries"] == [0, 1, 0]
+    # A float64 estimate has no float64 retry: stages=1 goes to fallback_eps.
+    est64 = ss.EMAEstimator(4, structure="full", beta=0.9, fallback_eps=1e-2)
+    est64.update(rng.standard_normal(4))
+    est64._inject_factor_failures(0, attempts=1, stages=1)
+    est64.preconditioner(eps=eps)
+    assert est64.fallback_statistics()["float64_retries"] == [0]
+    assert est64.fallback_statistics()["eps_retries"] == [1]

@@ -20,9 +20,10 @@
 ///
 /// Fallback policy of the full and block factorisations (preconditioner(), apply()), per block:
 /// a factorisation that fails numerically (the eigensolver does not converge, or its eigenvalues
-/// are not finite) is retried, if fallback_eps > 0, with G_b + fallback_eps I (a damping larger
-/// by fallback_eps until the next refresh); else the block keeps its previous factorisation and
-/// all blocks are refactored at the next use. Each fallback is counted (fallback_statistics());
+/// are not finite) is retried, for a float32 estimate, in float64 (the eigenpairs rounded to
+/// float32 and checked at float32's tolerance); then, if fallback_eps > 0, with
+/// G_b + fallback_eps I (a damping larger by fallback_eps until the next refresh); else the
+/// block keeps its previous factorisation and all blocks are refactored at the next use. Each fallback is counted (fallback_statistics());
 /// the max_consecutive_failures-th kept factorisation in a row of a block, or a failure with no
 /// previous factorisation to keep, throws numerical_error naming the block, the cache unchanged.
 /// Blocks are factored aside and committed together, so no block changes when one throws.
@@ -34,6 +35,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -58,6 +60,7 @@ struct fallback_options {
 };
 struct fallback_statistics {
   std::vector<std::int64_t> failed_refreshes;      ///< factorisations that failed first time
+  std::vector<std::int64_t> float64_retries;       ///< of which the float64 retry worked (float32)
   std::vector<std::int64_t> eps_retries;           ///< of which the fallback_eps retry worked
   std::vector<std::int64_t> kept_bases;            ///< of which the previous one was kept
   std::vector<std::int64_t> consecutive_failures;  ///< kept in a row, now
@@ -135,13 +138,14 @@ class ema_estimator {
   void set_fallback(const fallback_options& o);
   const fallback_options& fallback() const noexcept { return fallback_; }
   fallback_statistics fallback_stats() const;
-  /// The counters as saved: per block failed, eps_retries, kept, consecutive.
+  /// The counters as saved: per block failed, eps_retries, kept, consecutive. float64_retries
+  /// is not among them: the optimizers that save counters keep float64 estimates.
   std::vector<double> fallback_counters() const;
   /// @throws invalid_argument for a wrong size or entries that are not counts (nothing changes).
   void load_fallback_counters(const std::vector<double>& c);
   /// Test hook: the next `attempts` factorisations of `block` that commit see their first
-  /// `stages` solver calls fail (1: the first; 2: the same, the estimators having no float64
-  /// retry; 3: also the retry with fallback_eps). Not saved.
+  /// `stages` solver calls fail (1: the first; 2: also the float64 retry of a float32
+  /// estimate; 3: also the retry with fallback_eps). Not saved.
   void inject_factor_failures(index_t block, std::int64_t attempts, int stages);
 
   /// Restores a state from save() of an estimator of the same dim, structure and blocks.
@@ -155,6 +159,8 @@ class ema_estimator {
   void prepare_scale(double new_scale, double increment);
   double correction() const noexcept;
   void refresh_factors();
+  // The float64 retry of block b's failed factorisation (float32 estimates), into its spare.
+  bool retry_in_double(std::size_t b, const std::string& name);
 
   index_t dim_;
   schedule_ptr beta_;
@@ -179,6 +185,8 @@ class ema_estimator {
   // copies are cheap and independent.
   struct factor_cache {
     std::vector<std::unique_ptr<eigen_root<T>>> roots, spares;
+    std::vector<double> m64, lambda64, work64;  // the float64 retry's matrix and workspace
+    std::vector<int> iwork64;
     std::int64_t factored_at = -1;
     factor_cache() = default;
     factor_cache(const factor_cache&) {}
@@ -196,7 +204,7 @@ class ema_estimator {
   std::vector<T> dense_;  // a symmetric copy of one block for factor()
   std::vector<T> diag_;   // the corrected diagonal
   fallback_options fallback_;
-  std::vector<std::int64_t> fb_failed_, fb_eps_, fb_kept_, fb_consecutive_;  // per block
+  std::vector<std::int64_t> fb_failed_, fb_f64_, fb_eps_, fb_kept_, fb_consecutive_;  // per block
   std::vector<std::int64_t> inject_attempts_;
   std::vector<int> inject_stages_;
 };

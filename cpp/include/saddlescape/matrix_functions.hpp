@@ -131,6 +131,13 @@ class eigen_root {
   /// On failure the previous factorisation is lost (factored() is false).
   void factor(const T* G, std::string_view what = "G");
 
+  /// Takes a factorisation computed elsewhere (e.g. a float64 retry of a float32 matrix): the
+  /// column-major d x d eigenvectors and the d ascending eigenvalues, both rounded to T, with
+  /// the eigenvalue checks of factor() at T's precision.
+  /// @throws numerical_error if an eigenvalue is not finite in T; invalid_argument if one is
+  ///   clearly negative. On failure factored() is false.
+  void assign(const double* vectors, const double* lambda, std::string_view what);
+
   bool factored() const noexcept { return factored_; }
 
   /// Eigenvalues of the last factor(), ascending; those within rounding of zero
@@ -159,6 +166,7 @@ class eigen_root {
   index_t dim_;
   bool use_eigen_;
   bool factored_ = false;
+  bool assigned_ = false;  // the factorisation came from assign(), not from small_'s solver
   std::unique_ptr<small_solver> small_;
   std::vector<T> vectors_;   // column-major eigenvectors
   std::vector<T> lambda_;    // eigenvalues
