@@ -328,18 +328,23 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
       jobs[b].V = std::move(spares_.back().V);
       spares_.pop_back();
     }
+  // The pool keeps the buffers of the refreshes one staggered step makes (what memory_bytes()
+  // counts). Refreshes decided inside a task (an unstable low-rank update) or beyond the
+  // stagger (update_batch with many rows) bring buffers of their own, which are freed here:
+  // returned to the pool, they grew it by a pair per such refresh, every call, without bound.
   struct return_spares {
     std::vector<job>& jobs;
     std::vector<job>& pool;
+    std::size_t cap;
     ~return_spares() {
       for (job& j : jobs)
-        if (j.refresh) {
+        if (j.refresh && pool.size() < cap) {
           pool.emplace_back();
           pool.back().S = std::move(j.S);
           pool.back().V = std::move(j.V);
         }
     }
-  } give_back{jobs, spares_};
+  } give_back{jobs, spares_, static_cast<std::size_t>((nb + R - 1) / R)};
 
   auto task = [&](std::ptrdiff_t t, unsigned me) {
     scratch& sc = *scratch_[me];
@@ -639,6 +644,11 @@ void block_engine<T>::direction(const T* v, T* out) {
 template <class T>
 void block_engine<T>::update_direction(const T* g, T* out) {
   run(g, 1, g, out, true, -3, true);
+}
+
+template <class T>
+void block_engine<T>::update_and_direction(const T* g, const T* v, T* out) {
+  run(g, 1, v, out, true, -3, true);
 }
 
 template <class T>

@@ -206,11 +206,18 @@ class BlockEngine:
         self._engine.direction(a, out)
         return out
 
-    def update_direction(self, g: npt.ArrayLike) -> np.ndarray:
-        """:meth:`update` with g, then A g: RMSProp's direction, computed in the same pass."""
+    def update_direction(self, g: npt.ArrayLike, v: npt.ArrayLike | None = None) -> np.ndarray:
+        """:meth:`update` with g, then A g (RMSProp's direction), or A v for the updated
+        estimate when v is given (Adam's: v the bias-corrected first moment), in the same pass.
+        With v, a block whose low-rank update is unstable (the adam form on a singular G_b)
+        refactors once and keeps it, where :meth:`update` then :meth:`direction` would
+        refactor it again at every call."""
         a = self._vector("g", g)
         out = np.empty(a.shape, dtype=self.dtype)
-        self._engine.update_direction(a, out)
+        if v is None:
+            self._engine.update_direction(a, out)
+        else:
+            self._engine.update_and_direction(a, self._vector("v", v), out)
         return out
 
     def step(self, x: np.ndarray, g: npt.ArrayLike, lr: float) -> None:

@@ -114,6 +114,17 @@ void bind_engine(py::module_& m, const char* name) {
       .def("update_direction", vector_call<T>(&block_engine<T>::update_direction, "g"),
            py::arg("g"), py::arg("out"))
       .def(
+          "update_and_direction",
+          [](E& e, const py::array& g, const py::array& v, py::array out) {
+            const T* pg = input<T>(g, -1, e.engine.dim(), "g");
+            const T* pv = input<T>(v, -1, e.engine.dim(), "v");
+            T* po = output<T>(out, e.engine.dim(), "out");
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(e.mutex);
+            e.engine.update_and_direction(pg, pv, po);
+          },
+          py::arg("g"), py::arg("v"), py::arg("out"))
+      .def(
           "step",
           [](E& e, py::array x, const py::array& g, double lr) {
             T* px = output<T>(x, e.engine.dim(), "x");

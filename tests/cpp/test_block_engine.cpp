@@ -11,6 +11,7 @@
 #include <Eigen/Dense>
 
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <random>
 #include <vector>
@@ -90,6 +91,37 @@ TEST_P(BlockEngine, ExactDirectionsBetweenStaggeredRefreshes) {
 
 INSTANTIATE_TEST_SUITE_P(Forms, BlockEngine,
                          ::testing::Values(ss::root_form::inv_sqrt, ss::root_form::adam));
+
+TEST(BlockEngine, UpdateAndDirectionOfAnotherVectorKeepsItsRefactorisations) {
+  // The adam form on singular blocks (fewer gradients than the block size): the low-rank
+  // update is unstable there, so each update refactors. update_and_direction keeps those
+  // refactorisations (counted); update() then direction() discards them, and gives the same
+  // directions.
+  const std::vector<index_t> sizes{12, 1, 7};
+  ss::block_engine_options o;
+  o.eps = 1e-3;
+  o.form = ss::root_form::adam;
+  o.refresh_every = 4;
+  ss::block_engine<double> a(sizes, constant(0.9), o), b(sizes, constant(0.9), o);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> normal;
+  std::vector<double> g(20), v(20), da(20), db(20);
+  for (int t = 0; t < 6; ++t) {
+    for (index_t i = 0; i < 20; ++i) g[i] = normal(rng) * std::pow(10.0, -3.0 * i / 19.0);
+    for (double& x : v) x = normal(rng);
+    a.update_and_direction(g.data(), v.data(), da.data());
+    b.update(g.data());
+    b.direction(v.data(), db.data());
+    EXPECT_LT(worst_block_error(sizes, da, db), 1e-8) << t;
+  }
+  std::int64_t ra = 0, rb = 0;
+  for (auto r : a.statistics().refreshes) ra += r;
+  for (auto r : b.statistics().refreshes) rb += r;
+  EXPECT_GT(ra, rb);
+  v[4] = std::nan("");
+  EXPECT_INVALID("v[4] = nan", a.update_and_direction(g.data(), v.data(), da.data()));
+  EXPECT_EQ(a.updates(), 6);
+}
 
 TEST(BlockEngineErrors, BadInputChangesNothing) {
   ss::block_engine<float> eng({3, 2}, constant(0.9));

@@ -182,6 +182,34 @@ TEST(BlockEngineFallback, FailuresStayInTheirBlockAndRaiseAfterTheLimit) {
   EXPECT_EQ(a.statistics().kept_bases[2], 1);
 }
 
+TEST(EstimatorFallback, Float32RetriesInFloat64AtFloat32Tolerance) {
+  // A rank-deficient float32 block (3 updates, d = 30): its float32 S has null-space
+  // eigenvalues near -1e-9 lambda_max, which double's tolerance would call clearly negative.
+  // The float64 retry clips them at float32's and gives the float32 solver's A v.
+  ss::ema_estimator<float> a(31, constant(0.9), ss::structure::block, {30, 1}),
+      b(31, constant(0.9), ss::structure::block, {30, 1});
+  const ss::root_spec spec{2, 1e-4, ss::root_form::inv_sqrt};
+  std::mt19937_64 rng(11);
+  std::normal_distribution<double> normal;
+  std::vector<float> g(31), oa(31), ob(31);
+  for (int t = 0; t < 3; ++t) {
+    for (int i = 0; i < 31; ++i) g[i] = static_cast<float>(normal(rng) * std::pow(10.0, -i / 10.0));
+    a.update(g.data());
+    b.update(g.data());
+  }
+  a.inject_factor_failures(0, 1, 1);
+  a.apply(spec, g.data(), oa.data());
+  b.apply(spec, g.data(), ob.data());
+  double num = 0, den = 0;
+  for (int i = 0; i < 31; ++i) num += (oa[i] - ob[i]) * (oa[i] - ob[i]), den += ob[i] * ob[i];
+  EXPECT_LT(std::sqrt(num / den), 1e-4);
+  const auto st = a.fallback_stats();
+  EXPECT_EQ(st.failed_refreshes, (std::vector<std::int64_t>{1, 0}));
+  EXPECT_EQ(st.float64_retries, (std::vector<std::int64_t>{1, 0}));
+  EXPECT_EQ(st.kept_bases, (std::vector<std::int64_t>{0, 0}));
+  EXPECT_EQ(b.fallback_stats().float64_retries, (std::vector<std::int64_t>{0, 0}));
+}
+
 TEST(EstimatorFallback, KeepsTheBlocksFactorisationAndRaisesAfterTheLimit) {
   ss::ema_estimator<double> a(5, constant(0.9), ss::structure::block, {2, 3}),
       b(5, constant(0.9), ss::structure::block, {2, 3});

@@ -591,3 +591,41 @@ def test_rank_deficient_estimate_against_an_exact_low_rank_reference(form, refre
         # The rounding of v's (tiny, for v = h2) component off G's range is amplified by f(0).
         slack = 8 * np.finfo(np.float64).eps * np.linalg.norm(v) * f(0.0)
         assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max() + slack
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_update_direction_of_another_vector_keeps_its_refactorisations(dtype):
+    # update_direction(g, v): update with g, then A v (Adam's step). The adam form on singular
+    # blocks (fewer gradients than the block size) is where the low-rank update is unstable:
+    # those blocks refactor, and keep it, so the refreshes are counted and a later
+    # direction() of the same estimate needs none. Against float64 eigh on ill-scaled,
+    # rank-deficient estimates, a block of size 1 included.
+    rng = np.random.default_rng(21)
+    sizes = [12, 1, 7]
+    eps = 1e-3
+    gs = gradients(rng, 6, 20, low=-3.0, high=0.0, dtype=dtype)
+    eng = ss.BlockEngine(sizes, beta=0.9, eps=eps, form="adam", refresh_every=4, dtype=dtype)
+    twin = ss.BlockEngine(sizes, beta=0.9, eps=eps, form="adam", refresh_every=4, dtype=dtype)
+    tol = 2e-4 if dtype == np.float32 else 1e-8
+    for t, g in enumerate(gs):
+        v = rng.standard_normal(20).astype(dtype)
+        got = eng.update_direction(g, v)
+        twin.update(g)
+        _, G = reference(sizes, gs[:t + 1], 0.9, eps, "adam")
+        # The engine's clip (n u lambda_max): the adam form's sqrt turns eigh's null-space
+        # rounding (1e-17) into 3e-9, three digits of 1 / eps = 1e3.
+        u = np.finfo(dtype).eps
+        eig = [(np.where(w <= len(w) * u * w.max(), 0.0, w), V)
+               for w, V in (np.linalg.eigh(x) for x in G)]
+        want = np.concatenate([V @ ((np.sqrt(w) + eps) ** -1 * (V.T @ vb))
+                               for (w, V), vb in zip(eig, np.split(v.astype(np.float64), [12, 13]))])
+        assert got.dtype == dtype
+        assert block_errors(sizes, got.astype(np.float64), want) < tol, t
+        assert block_errors(sizes, twin.direction(v).astype(np.float64), want) < tol, t
+    kept = eng.statistics()["total_refreshes"]
+    assert kept > twin.statistics()["total_refreshes"]  # twin's refactorisations were discarded
+    eng.direction(v)
+    assert eng.statistics()["total_refreshes"] == kept
+    with pytest.raises(ValueError, match="v"):
+        eng.update_direction(gs[0], np.full(20, np.nan, dtype=dtype))
+    assert eng.updates == 6 and eng.statistics()["total_refreshes"] == kept

@@ -141,6 +141,11 @@ class block_engine {
   void direction(const T* v, T* out);
   /// update(g), then out = A g: the direction of RMSProp's step, at the cost of one pass.
   void update_direction(const T* g, T* out);
+  /// update(g), then out = A v for the updated estimate, in one pass (Adam's step: v the
+  /// bias-corrected first moment). Unlike update() followed by direction(v), a block whose
+  /// low-rank update is unstable refactors once and keeps it, instead of refactoring (and
+  /// discarding it) at each direction().
+  void update_and_direction(const T* g, const T* v, T* out);
   /// update(g), then x <- x - lr A g. x is unchanged if anything throws.
   void step(T* x, const T* g, double lr);
   /// Refactors the given block (or every block, block = -1) now: with warm = false by syevd,

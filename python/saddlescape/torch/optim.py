@@ -19,7 +19,7 @@ Per parameter tensor p with gradient g (weight decay first, as torch's: g <- g +
   p_b <- p_b - lr (G_b + eps I)^(-1/2) g_b (or (G_b^(1/2) + eps I)^(-1) g_b) at every step,
   through one :class:`saddlescape.BlockEngine` per tensor (eigendecompositions staggered over
   ``refresh_every`` updates, the updates since applied exactly; see :mod:`saddlescape.blocks`).
-  CPU only; :meth:`RMSProp.partition` lists the blocks.
+  :meth:`RMSProp.partition` lists the blocks.
 * ``structure="full"``: one block over all the parameters of a group, concatenated in the
   group's order (small models: it stores (sum of numel)^2 entries). Every parameter of the
   group must have a gradient when any has (the matrix couples them all).
@@ -31,6 +31,12 @@ paper's beta-lr coupling (Theorem 4.1, Sec. 5.4) follows any scheduler (t counts
 ``step()``; hallucinated samples of :class:`SaddleEscape` use the lr of their step). A value
 below 0 (C lr^(2/3) > 1) is a ValueError; lr = 0 gives the largest beta below 1.
 ``bias_correction=True`` divides the estimate by 1 - prod_t beta_t.
+
+Devices. The block engine is C++ on the host. For parameters on another device (CUDA) a
+"block" or "full" step copies the gradient to the host and the direction back (2 numel entries
+over PCIe) and keeps the estimates, eigenbases and Adam's first moment in host memory, so the
+step equals the CPU optimizer's to rounding (the weight decay and the final add run on the
+device); "diag" runs entirely on the device in torch operations.
 
 Dtypes. Parameters must be float32 or float64 (float16/bfloat16 and complex are refused with a
 TypeError naming them), on one device per optimizer. The estimate's dtype is ``dtype`` (default:
@@ -130,6 +136,9 @@ class _Preconditioned(torch.optim.Optimizer):
     state dict, statistics and the partition."""
 
     _adam = False
+    # Stage block/full steps through host tensors even for CPU parameters: lets the CPU tests
+    # run the code path that parameters on a GPU take (the copies aside).
+    _host_staging = False
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._validate(defaults, "the defaults")
@@ -206,10 +215,6 @@ class _Preconditioned(torch.optim.Optimizer):
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self._validate(group, where)
-        if group["structure"] != "diag" and any(p.device.type != "cpu" for p in params):
-            raise ValueError(f"{where}: structure {group['structure']!r} runs on the CPU block "
-                             f"engine; parameters on {params[0].device} support structure "
-                             f"'diag' only in this version")
         super().add_param_group(group)
 
     # ---------------------------------------------------------------- the step
@@ -504,10 +509,13 @@ class _Preconditioned(torch.optim.Optimizer):
         engine: BlockEngine = st["engine"]
         dt = torch.float64 if engine.dtype == np.float64 else torch.float32
         engine.set_beta(betas[-1])
+        staged = self._host_staging or params[0].device.type != "cpu"
         if len(params) == 1:
             g = self._weighted(group, params[0], dt).view(-1)
         else:
             g = torch.cat([self._weighted(group, p, dt).view(-1) for p in params])
+        if staged:
+            g = g.to("cpu", copy=True)  # one transfer; the engine reads host memory
         gn = g.numpy()
         move = self._moving(group, st, observe)
         try:
@@ -516,13 +524,15 @@ class _Preconditioned(torch.optim.Optimizer):
             elif self._adam:
                 m = st["exp_avg"]
                 m_new = m * betas[0] + g * (1.0 - betas[0])
-                engine.update(gn)
+                mhat = (m_new / (1.0 - betas[0] ** (st["moves"] + 1))).numpy()
+                # One call: a block refactored because its low-rank update is unstable keeps
+                # the refactorisation (update() then direction() redid it at every step).
+                d = engine.update_direction(gn, mhat)
                 m.copy_(m_new)
-                mhat = (m / (1.0 - betas[0] ** (st["moves"] + 1))).numpy()
-                self._apply(params, torch.from_numpy(engine.direction(mhat)), lr)
+                self._apply(params, torch.from_numpy(d), lr)
             else:
                 p = params[0]
-                if len(params) == 1 and p.dtype == dt and p.is_contiguous():
+                if not staged and len(params) == 1 and p.dtype == dt and p.is_contiguous():
                     engine.step(p.detach().view(-1).numpy(), gn, lr)  # in place, no copies
                 else:
                     self._apply(params, torch.from_numpy(engine.update_direction(gn)), lr)
@@ -539,6 +549,7 @@ class _Preconditioned(torch.optim.Optimizer):
         if not bool(torch.isfinite(direction).all()):
             raise _core.NumericalError("the preconditioned direction is not finite; the "
                                        "parameters are unchanged")
+        direction = direction.to(device=params[0].device)  # one transfer for a host engine
         offset = 0
         for p in params:
             n = p.numel()
@@ -690,7 +701,9 @@ class _Preconditioned(torch.optim.Optimizer):
             mine.update(g)
 
     def _import(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], k: Any) -> dict[str, Any]:
-        out = {key: (val.detach().clone().to(p.device) if isinstance(val, torch.Tensor) else
+        # The engines' companions (Adam's exp_avg) live on the host with the engine.
+        device = p.device if group["structure"] == "diag" else torch.device("cpu")
+        out = {key: (val.detach().clone().to(device) if isinstance(val, torch.Tensor) else
                      copy.deepcopy(val)) for key, val in st.items() if key != "engine"}
         out["options"] = dict(out["options"])
         out["options"]["dtype"] = _dtype_from(out["options"]["dtype"])
