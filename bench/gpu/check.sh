@@ -69,7 +69,7 @@ timeout 240 "$python" -m pytest -q -rf --maxfail=50 tests/gpu -p no:cacheprovide
 stamp "saddlescape.torch on the GPU against the CPU"
 # The diagonal optimizers train the MLP on CUDA tensors and on CPU tensors from one start.
 if [[ "${DRY_RUN:-0}" == 1 ]]; then dev=cpu; else dev=cuda; fi
-timeout 90 "$python" bench/gpu/torch_check.py --device "$dev" 2>&1 | tee "$out/torch_check.log"
+timeout 180 "$python" bench/gpu/torch_check.py --device "$dev" 2>&1 | tee "$out/torch_check.log"
 
 stamp "ShardedRMSProp on CUDA parameters with NCCL against the single-process CPU optimizer"
 # One process per GPU (world size 1 on a single GPU still runs NCCL and the host-staged engine).

@@ -591,12 +591,12 @@ def test_saddle_escape_needs_a_closure_to_hallucinate():
         SaddleEscape(torch.optim.SGD([p], lr=0.1), r=0.1, t_thresh=2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_diag_equals_cpu():
-    gs = _gradients(1, 26, 10, seed=18)
+def _cuda_against_cpu(make, gs, rtol):
+    """The same gradients through make(CPU parameters) and make(their CUDA copies); returns
+    both optimizers and the CUDA parameters after checking they agree to rtol."""
     a = _params()
     b = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
-    oa, ob = RMSProp(a, structure="diag"), RMSProp(b, structure="diag")
+    oa, ob = make(a), make(b)
     for g in gs:
         _set_grads(a, g)
         oa.step()
@@ -604,7 +604,14 @@ def test_cuda_diag_equals_cpu():
             q.grad = src.grad.cuda()
         ob.step()
     _assert_close(np.concatenate([q.detach().cpu().reshape(-1).numpy() for q in b]), _flat(a),
-                  1e-12)
+                  rtol)
+    return oa, ob, b
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_diag_equals_cpu():
+    _cuda_against_cpu(lambda p: RMSProp(p, structure="diag"), _gradients(1, 26, 10, seed=18),
+                      1e-12)
 
 
 _HOST_ROUTES = [
@@ -641,18 +648,7 @@ def test_block_and_full_staged_through_the_host_equal_the_direct_path(name, make
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("name", "make"), _HOST_ROUTES, ids=[r[0] for r in _HOST_ROUTES])
 def test_cuda_block_and_full_equal_cpu(name, make):
-    gs = _gradients(1, 26, 10, seed=20, rank=4)
-    a = _params()
-    b = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
-    oa, ob = make(a), make(b)
-    for g in gs:
-        _set_grads(a, g)
-        oa.step()
-        for q, src in zip(b, a):
-            q.grad = src.grad.cuda()
-        ob.step()
-    _assert_close(np.concatenate([q.detach().cpu().reshape(-1).numpy() for q in b]), _flat(a),
-                  1e-10)
+    oa, ob, b = _cuda_against_cpu(make, _gradients(1, 26, 10, seed=20, rank=4), 1e-10)
     assert ob.statistics()["blocks"] == oa.statistics()["blocks"]
     oc = make([torch.nn.Parameter(q.detach().clone()) for q in b])
     oc.load_state_dict(ob.state_dict())  # the engines' companions stay on the host
