@@ -324,23 +324,29 @@ class ShardedRMSProp(torch.optim.Optimizer):
         L, W = self._L, self._world
         rs = np.empty(sum(sizes), dtype=np.int64)
         ag = np.empty(sum(sizes), dtype=np.int64)
-        own_lr_group, own_flat = [], []
+        own_lr_group = []
+        starts = np.cumsum([0] + [p.numel() for p in self._params])
+        runs: list[list[int]] = []  # (parameter, start, stop) of this rank's blocks, in order
         for r in range(W):
             local = 0
             for b in self.assignment.blocks[r]:
-                _, off, B = self._blocks[b]
+                i, off, B = self._blocks[b]
                 rs[off:off + B] = r * (L + 1) + local + np.arange(B)
                 ag[off:off + B] = r * (L + 1) + local + np.arange(B)
                 local += B
                 if r == self._rank:
-                    own_lr_group.append(np.full(B, group_of[self._blocks[b][0]], dtype=np.int64))
-                    own_flat.append(off + np.arange(B))
+                    own_lr_group.append(np.full(B, group_of[i], dtype=np.int64))
+                    lo = off - int(starts[i])
+                    if runs and runs[-1][0] == i and runs[-1][2] == lo:
+                        runs[-1][2] = lo + B  # consecutive blocks of one tensor: one slice
+                    else:
+                        runs.append([i, lo, lo + B])
         self._pos_rs = torch.from_numpy(rs).to(self._comm_device)
         self._pos_ag = torch.from_numpy(ag).to(self._comm_device)
         self._own_group = (np.concatenate(own_lr_group) if own_lr_group
                            else np.zeros(0, dtype=np.int64))
-        self._own_flat = torch.from_numpy(np.concatenate(own_flat) if own_flat
-                                          else np.zeros(0, dtype=np.int64)).to(self._device)
+        self._own_runs = [tuple(r) for r in runs]
+        self._wd_cache: tuple[tuple[float, ...], torch.Tensor] | None = None
         self._numels = [p.numel() for p in self._params]
         if sync_parameters and self._world > 1:
             self._broadcast_parameters()
@@ -572,10 +578,16 @@ class ShardedRMSProp(torch.optim.Optimizer):
                 gt = (recv[:self._n_own].to(self._dtype) / W).cpu()
                 wds = [float(grp["weight_decay"]) for grp in self.param_groups]
                 if any(wds):
+                    # Only this rank's entries are read, and the per-entry wd is remade only
+                    # when a group's weight_decay changes.
+                    if self._wd_cache is None or self._wd_cache[0] != tuple(wds):
+                        self._wd_cache = (tuple(wds), torch.tensor(wds, dtype=self._dtype)[
+                            torch.from_numpy(self._own_group)])
                     with torch.no_grad():
-                        p_own = torch.cat([p.detach().reshape(-1) for p in self._params])
-                        wd = torch.tensor(wds, dtype=self._dtype)[self._own_group]
-                        gt = gt + wd * p_own[self._own_flat].cpu()
+                        p_own = torch.cat([self._params[i].detach().reshape(-1)[lo:hi]
+                                           for i, lo, hi in self._own_runs]) \
+                            if self._own_runs else torch.zeros(0, dtype=self._dtype)
+                        gt = gt + self._wd_cache[1] * p_own.cpu()
                 g = gt.numpy()
                 lrs = np.array([grp["lr"] for grp in self.param_groups], dtype=self._np_dtype)
                 if self._risky(g, lrs):
