@@ -34,6 +34,11 @@ def run_child(body: str) -> dict:
         import saddlescape as ss
         from saddlescape import problems
 
+        # A child of a process started in the background (`cmd &` in a script, nohup) inherits
+        # SIGINT ignored, and Python then leaves it ignored: the signals below would be lost
+        # and the loop would run to the hard timeout. Ctrl-C's handler, as in a terminal.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
         def interrupt_after(seconds):
             sent = {}
             def fire():
