@@ -480,18 +480,10 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
       jb.primary_failed = !ok;
       // The retries eigendecompose in double (G_b + shift I), the basis rounded to T.
       auto factor_double = [&](double shift) {
-        fit(sc.M, nn * nn);
-        double* M = sc.M.data();
-        for (index_t j = 0; j < n; ++j)
-          for (index_t i = j; i < n; ++i) M[i + j * n] = double(jb.S[i + j * n]);
-        for (index_t j = 0; j < n; ++j) M[j + j * n] += shift;
-        fit(sc.dwork, 1 + 6 * nn + 2 * nn * nn);
-        fit(sc.iwork, 3 + 5 * nn);
-        const int inf = detail::lapack::syevd('V', ni, M, jb.lambda.data(), sc.dwork.data(),
-                                              static_cast<int>(sc.dwork.size()), sc.iwork.data(),
-                                              static_cast<int>(sc.iwork.size()));
+        const int inf = detail::lapack::syevd_in_double(jb.S.data(), ni, 1.0, shift, sc.M,
+                                                        jb.lambda.data(), sc.dwork, sc.iwork);
         if (inf != 0 || !finite_lambda()) return false;
-        for (std::size_t i = 0; i < nn * nn; ++i) jb.V[i] = static_cast<T>(M[i]);
+        for (std::size_t i = 0; i < nn * nn; ++i) jb.V[i] = static_cast<T>(sc.M[i]);
         return true;
       };
       if (!ok && sizeof(T) == 4 && !injected(1) && factor_double(0.0)) {

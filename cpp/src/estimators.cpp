@@ -409,21 +409,13 @@ void ema_estimator<T>::refresh_factors() {
 
 template <class T>
 bool ema_estimator<T>::retry_in_double(std::size_t b, const std::string& name) {
-  const index_t n = blocks_[b];
-  const auto nn = static_cast<std::size_t>(n) * static_cast<std::size_t>(n);
   auto& c = cache_;
-  c.m64.resize(nn);
-  c.lambda64.resize(static_cast<std::size_t>(n));
-  c.work64.resize(1 + 6 * static_cast<std::size_t>(n) + 2 * nn);
-  c.iwork64.resize(3 + 5 * static_cast<std::size_t>(n));
+  c.lambda64.resize(static_cast<std::size_t>(blocks_[b]));
   // From S itself, the scale applied in double: nothing rounds before the solver.
-  const double scale = scale_ * correction();
-  const T* s = data_.data() + storage_[b];
-  for (index_t j = 0; j < n; ++j)
-    for (index_t i = j; i < n; ++i) c.m64[i + j * n] = scale * double(s[i + j * n]);
-  const int info = detail::lapack::syevd(
-      'V', static_cast<int>(n), c.m64.data(), c.lambda64.data(), c.work64.data(),
-      static_cast<int>(c.work64.size()), c.iwork64.data(), static_cast<int>(c.iwork64.size()));
+  const int info = detail::lapack::syevd_in_double(data_.data() + storage_[b],
+                                                   static_cast<int>(blocks_[b]),
+                                                   scale_ * correction(), 0.0, c.m64,
+                                                   c.lambda64.data(), c.work64, c.iwork64);
   if (info != 0) return false;
   try {
     cache_.spares[b]->assign(c.m64.data(), c.lambda64.data(), name);

@@ -6,6 +6,7 @@
 
 #include <climits>
 #include <cstddef>
+#include <vector>
 
 #ifndef BLAS_SYMBOL_PREFIX
 #define BLAS_SYMBOL_PREFIX
@@ -175,6 +176,27 @@ inline void gemv(char trans, int m, int n, double alpha, const double* a, int ld
                  double beta, double* y) {
   const int one = 1;
   SADDLESCAPE_FORTRAN(dgemv)(&trans, &m, &n, &alpha, a, &lda, x, &one, &beta, y, &one, 1);
+}
+
+/// Eigendecomposition in double of scale S + shift I, S an n x n column-major matrix of any
+/// floating type read from its lower triangle: the float64 retry of a failed float32
+/// factorisation. M gets the eigenvectors (column-major, leading dimension n), lambda the n
+/// ascending eigenvalues; M, work and iwork grow as needed. Returns LAPACK's info.
+template <class T>
+int syevd_in_double(const T* S, int n, double scale, double shift, std::vector<double>& M,
+                    double* lambda, std::vector<double>& work, std::vector<int>& iwork) {
+  const auto nn = static_cast<std::size_t>(n) * static_cast<std::size_t>(n);
+  const std::size_t lwork = 1 + 6 * static_cast<std::size_t>(n) + 2 * nn;
+  const std::size_t liwork = 3 + 5 * static_cast<std::size_t>(n);
+  if (M.size() < nn) M.resize(nn);
+  if (work.size() < lwork) work.resize(lwork);
+  if (iwork.size() < liwork) iwork.resize(liwork);
+  for (int j = 0; j < n; ++j) {
+    for (int i = j; i < n; ++i) M[i + j * n] = scale * double(S[i + j * n]);
+    M[j + j * n] += shift;
+  }
+  return syevd('V', n, M.data(), lambda, work.data(), static_cast<int>(work.size()),
+               iwork.data(), static_cast<int>(iwork.size()));
 }
 
 /// OpenBLAS single-threaded for the scope's lifetime: inside the library's own worker threads
