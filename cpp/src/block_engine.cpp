@@ -41,6 +41,12 @@ double root_value(double lambda, root_form form, double eps) {
   return form == root_form::adam ? 1.0 / (std::sqrt(lambda) + eps) : 1.0 / std::sqrt(lambda + eps);
 }
 
+// Buffers of range_refresh, reused across calls (grown, never shrunk).
+struct range_workspace {
+  std::vector<double> N, C, tau, W, Tm, X, X2, Z, S, M, lam, work;
+  std::vector<int> iwork;
+};
+
 }  // namespace
 
 template <class T>
@@ -75,6 +81,7 @@ struct block_engine<T>::scratch {
   std::vector<double> D, Q, y, z, M, Vd, dwork;
   std::vector<T> yt, zt, rows, work;
   std::vector<int> iwork;
+  range_workspace range;
 };
 
 template <class T>
@@ -256,6 +263,157 @@ bool jacobi(double* M, index_t n, T* V, double thresh, int max_sweeps, double mi
   return false;
 }
 
+// How often, among a block's successful refactorisations, one is a cold syevd even when the
+// range refresh applies. The range refresh takes its null space from the previous basis, so
+// the basis's loss of orthogonality (one rounding to T per refresh) would grow with the number
+// of range refreshes in a row; a cold one every range_period bounds it, at 1 / range_period of
+// a cold refactorisation per refresh.
+constexpr std::int64_t range_period = 16;
+
+// The largest rank m for which the range refresh beats a cold syevd of n x n: about 0.6 n in
+// float32 and 0.75 n in float64 at n = 64 to 512 (bench/python/bench_blocks.py --only range;
+// its O(n^2 m) products run in double, against a float32 syevd in the float32 engine).
+template <class T>
+index_t range_max_m(index_t n) {
+  return sizeof(T) == 4 ? (3 * n) / 5 : (7 * n) / 10;
+}
+
+// The range refresh of a rank-deficient block: the factorisation of the new estimate S (n x n,
+// column-major lower triangle) in O(n^2 m + m^3 + n p k) instead of syevd's O(n^3), where p is
+// the dimension of the previous factorisation's null space (its eigenvalues that were zero,
+// which come first in V), k the gradients folded in since, and m = (n - p) + min(k, p) the
+// rank S can have.
+//
+// In V's basis S = V (c diag(lambda) + Y Y^T) V^T with Y = V^T [sqrt(w_i) h_i] (n x k,
+// column-major). Householder reflectors H = I - W T W^T (compact WY, T upper triangular) turn
+// Y's null rows into [R; 0] with R of min(k, p) rows, so the m columns Z = [(V_n H)[:, :min(k,p)],
+// V_r] span S's range and the other p - min(k, p) columns of V_n H its null space. Rayleigh-Ritz
+// on Z with S itself (M = Z^T S Z, m x m) gives the new eigenpairs; taking M from the previous
+// factorisation instead would be cheaper but carries its rounding from one refresh to the next
+// (measured: errors growing 4x over 16 range refreshes in float32). The null columns keep the
+// eigenvalue 0, as a dense eigensolver's eigenvalues below its rounding are zeroed.
+// Computed in double, the basis rounded to T once. Writes V_out (column-major, eigenvalues
+// ascending) and lam_out; returns false, having written nothing, when there is no null space
+// to exploit (m above max_m) or M's eigensolver fails, and the caller then refactors S cold.
+template <class T>
+bool range_refresh(const T* V, const double* lambda, const T* S, index_t n, const double* Y,
+                   index_t k, index_t max_m, T* V_out, double* lam_out, range_workspace& w) {
+  index_t p = 0;
+  while (p < n && lambda[p] == 0.0) ++p;
+  for (index_t j = p; j < n; ++j)
+    if (!(lambda[j] > 0.0)) return false;  // not the ascending spectrum of a factorisation
+  const index_t r = n - p, kp = std::min(k, p), m = r + kp;
+  if (m > max_m || m == 0) return false;
+  auto fit = [](std::vector<double>& v, index_t size) {
+    if (v.size() < static_cast<std::size_t>(size)) v.resize(static_cast<std::size_t>(size));
+  };
+  const int ni = static_cast<int>(n), pi = static_cast<int>(p), ki = static_cast<int>(kp);
+  fit(w.C, std::max<index_t>(p * k, 1));
+  fit(w.N, std::max<index_t>(n * p, 1));
+  double* C = w.C.data();
+  double* N = w.N.data();
+  for (index_t a = 0; a < k; ++a)
+    for (index_t i = 0; i < p; ++i) C[a * p + i] = Y[a * n + i];
+  for (index_t i = 0; i < n * p; ++i) N[i] = double(V[i]);  // the first p columns: V_n
+
+  if (kp > 0) {
+    // Householder QR of the null rows C (p x k), the reflectors stored below the diagonal.
+    fit(w.tau, kp);
+    for (index_t j = 0; j < kp; ++j) {
+      double* x = C + j * p + j;
+      const index_t len = p - j;
+      double sigma = 0.0;
+      for (index_t i = 1; i < len; ++i) sigma += x[i] * x[i];
+      double tau = 0.0;
+      if (sigma > 0.0) {
+        const double mu = std::sqrt(x[0] * x[0] + sigma);
+        // The sign choice that avoids cancellation: H x = mu e_1 either way.
+        const double v0 = x[0] <= 0.0 ? x[0] - mu : -sigma / (x[0] + mu);
+        tau = 2.0 * v0 * v0 / (sigma + v0 * v0);
+        for (index_t i = 1; i < len; ++i) x[i] /= v0;
+        x[0] = mu;
+        for (index_t a = j + 1; a < k; ++a) {  // H applied to the columns on the right
+          double* y = C + a * p + j;
+          double s = y[0];
+          for (index_t i = 1; i < len; ++i) s += x[i] * y[i];
+          s *= tau;
+          y[0] -= s;
+          for (index_t i = 1; i < len; ++i) y[i] -= s * x[i];
+        }
+      }
+      w.tau[j] = tau;
+    }
+    // W (p x kp, unit lower trapezoidal) and T with H_0 ... H_(kp-1) = I - W T W^T.
+    fit(w.W, p * kp);
+    fit(w.Tm, kp * kp);
+    double* Wm = w.W.data();
+    double* Tm = w.Tm.data();
+    for (index_t j = 0; j < kp; ++j)
+      for (index_t i = 0; i < p; ++i)
+        Wm[j * p + i] = i < j ? 0.0 : (i == j ? 1.0 : C[j * p + i]);
+    std::fill(Tm, Tm + kp * kp, 0.0);
+    for (index_t j = 0; j < kp; ++j) {
+      Tm[j * kp + j] = w.tau[j];
+      if (j == 0 || w.tau[j] == 0.0) continue;
+      // T[0:j, j] = -tau_j T[0:j, 0:j] (W[:, 0:j]^T w_j)
+      double* col = Tm + j * kp;
+      for (index_t a = 0; a < j; ++a) {
+        double s = 0.0;
+        for (index_t i = j; i < p; ++i) s += Wm[a * p + i] * Wm[j * p + i];
+        col[a] = s;
+      }
+      for (index_t a = 0; a < j; ++a) {
+        double s = 0.0;
+        for (index_t b = a; b < j; ++b) s += Tm[b * kp + a] * col[b];
+        col[a] = -w.tau[j] * s;  // col[b] for b > a is still W^T w_j: rows run upwards
+      }
+    }
+    // V_n <- V_n (I - W T W^T) = V_n - ((V_n W) T) W^T, three matrix products.
+    fit(w.X, n * kp);
+    fit(w.X2, n * kp);
+    detail::lapack::gemm('N', 'N', ni, ki, pi, 1.0, N, ni, Wm, pi, 0.0, w.X.data(), ni);
+    detail::lapack::gemm('N', 'N', ni, ki, ki, 1.0, w.X.data(), ni, Tm, ki, 0.0, w.X2.data(), ni);
+    detail::lapack::gemm('N', 'T', ni, pi, ki, -1.0, w.X2.data(), ni, Wm, pi, 1.0, N, ni);
+  }
+
+  // Z = [N[:, 0:kp], V_r] spans every direction the new estimate can have, and M = Z^T S Z
+  // (Rayleigh-Ritz with the stored S, not with the previous factorisation, whose rounding
+  // would otherwise carry over from one range refresh to the next).
+  const int mi = static_cast<int>(m);
+  fit(w.Z, n * m);
+  double* Z = w.Z.data();
+  std::copy(N, N + n * kp, Z);
+  for (index_t i = 0; i < n * r; ++i) Z[n * kp + i] = double(V[n * p + i]);
+  fit(w.S, n * n);
+  double* Sd = w.S.data();
+  for (index_t j = 0; j < n; ++j)
+    for (index_t i = j; i < n; ++i) Sd[i + j * n] = Sd[j + i * n] = double(S[i + j * n]);
+  fit(w.X2, n * m);
+  detail::lapack::gemm('N', 'N', ni, mi, ni, 1.0, Sd, ni, Z, ni, 0.0, w.X2.data(), ni);
+  fit(w.M, m * m);
+  double* M = w.M.data();
+  detail::lapack::gemm('T', 'N', mi, mi, ni, 1.0, Z, ni, w.X2.data(), ni, 0.0, M, mi);
+  fit(w.lam, m);
+  fit(w.work, 1 + 6 * m + 2 * m * m);
+  if (w.iwork.size() < static_cast<std::size_t>(3 + 5 * m))
+    w.iwork.resize(static_cast<std::size_t>(3 + 5 * m));
+  const int info = detail::lapack::syevd('V', mi, M, w.lam.data(), w.work.data(),
+                                         static_cast<int>(w.work.size()), w.iwork.data(),
+                                         static_cast<int>(w.iwork.size()));
+  if (info != 0) return false;
+  for (index_t j = 0; j < m; ++j)
+    if (!std::isfinite(w.lam[j])) return false;
+
+  // V_out = [N[:, kp:p], Z Q].
+  detail::lapack::gemm('N', 'N', ni, mi, mi, 1.0, Z, ni, M, mi, 0.0, w.X2.data(), ni);
+  const index_t nul = p - kp;
+  for (index_t i = 0; i < n * nul; ++i) V_out[i] = static_cast<T>(N[n * kp + i]);
+  for (index_t i = 0; i < n * m; ++i) V_out[n * nul + i] = static_cast<T>(w.X2[i]);
+  for (index_t j = 0; j < nul; ++j) lam_out[j] = 0.0;
+  for (index_t j = 0; j < m; ++j) lam_out[nul + j] = w.lam[j];
+  return true;
+}
+
 }  // namespace
 
 template <class T>
@@ -412,13 +570,13 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
                                    jb.S.data(), ni);
       double lmax = 0.0;
       for (index_t j = 0; j < n; ++j) lmax = std::max(lmax, std::abs(double(jb.S[j + j * n])));
-      jb.warm_ok = false;
-      if (warm && opts_.warm_start && blk.refreshes > 0 && n > 1) {
-        // V^T S_new V = decay gamma Lambda + sum of the rank-1 terms in V's basis.
-        fit(sc.M, nn * nn);
-        double* M = sc.M.data();
-        std::fill(M, M + nn * nn, 0.0);
-        for (index_t j = 0; j < n; ++j) M[j * n + j] = decay * blk.gamma * blk.lambda[j];
+      // The fallback policy (block_engine.hpp). `injected(stage)`: the test hook fails it.
+      auto injected = [&](int stage) {
+        return blk.inject_attempts > 0 && stage < blk.inject_stages;
+      };
+      // Q = the rows since the refresh in V's basis, V^T [sqrt(w_i) h_i] (n x rows, double):
+      // V^T S_new V = decay gamma Lambda + Q Q^T, what both refreshes from V start with.
+      auto rotated_rows = [&] {
         fit(sc.Q, static_cast<std::size_t>(rows) * nn);
         for (index_t i = 0; i < blk.k; ++i) {
           const double r = std::sqrt(decay * blk.w[i]);
@@ -431,6 +589,27 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
           const double r = std::sqrt(win[i]);
           for (index_t j = 0; j < n; ++j) sc.Q[(blk.k + i) * n + j] = r * double(sc.zt[j]);
         }
+      };
+      jb.warm_ok = false;
+      // The range refresh (a rank-deficient block) needs V diag(lambda) V^T to be the last
+      // estimate's: not after a kept basis (Rayleigh quotients) or a retry with fallback_eps
+      // (eigenvalues of a shifted estimate). Every range_period-th refresh of a block is cold,
+      // staggered across blocks like the refreshes themselves, so that blocks refactoring at
+      // every step (the adam form's singular ones) do not all go cold in the same step.
+      if (warm && !injected(0) && blk.consecutive == 0 && blk.retried_eps == 0 &&
+          (blk.refreshes + b) % range_period != range_period - 1) {
+        rotated_rows();
+        jb.warm_ok = range_refresh(blk.V.data(), blk.lambda.data(), jb.S.data(), n,
+                                   sc.Q.data(), rows, range_max_m<T>(n), jb.V.data(),
+                                   jb.lambda.data(), sc.range);
+      }
+      if (!jb.warm_ok && warm && opts_.warm_start && blk.refreshes > 0 && n > 1) {
+        // V^T S_new V = decay gamma Lambda + sum of the rank-1 terms in V's basis.
+        fit(sc.M, nn * nn);
+        double* M = sc.M.data();
+        std::fill(M, M + nn * nn, 0.0);
+        for (index_t j = 0; j < n; ++j) M[j * n + j] = decay * blk.gamma * blk.lambda[j];
+        rotated_rows();
         if (rows > 0)
           detail::lapack::syrk_lower(ni, static_cast<int>(rows), 1.0, sc.Q.data(), ni, 1.0, M, ni);
         // syrk filled the column-major lower triangle, which is the row-major upper one.
@@ -450,10 +629,6 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
           jb.fell_back = true;
         }
       }
-      // The fallback policy (block_engine.hpp). `injected(stage)`: the test hook fails it.
-      auto injected = [&](int stage) {
-        return blk.inject_attempts > 0 && stage < blk.inject_stages;
-      };
       auto finite_lambda = [&] {
         for (index_t j = 0; j < n; ++j)
           if (!std::isfinite(jb.lambda[j])) return false;

@@ -18,8 +18,13 @@ in log t with Woodbury solves: O(B^2 + N k^2 B) per block instead of an O(B^3) f
 Refreshes are staggered: block b refactors ``refresh_every`` updates after its previous refresh,
 counted from an offset of b mod refresh_every, so each step refactors about
 n_blocks / refresh_every blocks; the worst step costs that many factorisations of the largest
-blocks (over the threads) on top of every block's direction. A refresh is LAPACK ``syevd``, or
-with ``warm_start=True`` Jacobi sweeps on V^T G V from the previous basis when at most B of its
+blocks (over the threads) on top of every block's direction. A refresh of a rank-deficient
+block (early in training, or gradients confined to a subspace) is a range refresh: the new
+gradients' components in the previous null space are split off by Householder reflectors, and
+Rayleigh-Ritz with the estimate on the m <= rank + k columns that can carry it gives the new
+eigenpairs, O(B^2 m) instead of O(B^3) (taken when m <= 0.6 B in float32, 0.7 B in float64; every
+16th refresh of a block is cold, so that the basis's rounding does not accumulate). Otherwise a
+refresh is LAPACK ``syevd``, or with ``warm_start=True`` Jacobi sweeps on V^T G V from the previous basis when at most B of its
 off-diagonal entries are above rounding (else syevd after that O(B^2) check). The warm start
 pays only when the estimate barely moved between refreshes (beta very close to 1, or a refresh
 soon after the last); for a typical beta = 0.99 over 16 updates it falls back every time
@@ -248,8 +253,9 @@ class BlockEngine:
         return list(self._engine.estimate())
 
     def statistics(self) -> dict[str, Any]:
-        """Per-block figures for logging, as plain numbers: ``refreshes``, ``warm_refreshes``,
-        ``fallbacks`` (warm starts that fell back to syevd), ``lambda_min``/``lambda_max`` of G_b
+        """Per-block figures for logging, as plain numbers: ``refreshes``, ``warm_refreshes``
+        (refreshes started from the previous basis: range refreshes of rank-deficient blocks
+        and converged Jacobi warm starts), ``fallbacks`` (warm starts that fell back to syevd), ``lambda_min``/``lambda_max`` of G_b
         at its last refresh, ``condition`` ((lambda_max + eps) / (lambda_min + eps)) and
         ``pending`` (gradients held since the refresh), and the fallback policy's
         ``failed_refreshes``, ``float64_retries``, ``eps_retries``, ``kept_bases`` and

@@ -123,6 +123,50 @@ TEST(BlockEngine, UpdateAndDirectionOfAnotherVectorKeepsItsRefactorisations) {
   EXPECT_EQ(a.updates(), 6);
 }
 
+TEST(BlockEngine, RangeRefreshOfARankDeficientBlockEqualsTheColdOne) {
+  // Gradients in a fixed subspace of rank 6 of a block of 40 (and a full-rank block of 5):
+  // refresh(warm = true) takes the range refresh for the big block, refresh(warm = false) a
+  // cold syevd; both factorise the same estimate, so their directions agree to rounding.
+  const std::vector<index_t> sizes{40, 5};
+  ss::block_engine_options o;
+  o.eps = 1e-6;
+  o.refresh_every = 256;  // no refresh but the ones asked for
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> normal;
+  Eigen::MatrixXd L(40, 6);
+  for (index_t j = 0; j < 6; ++j)
+    for (index_t i = 0; i < 40; ++i) L(i, j) = normal(rng) * std::pow(10.0, -0.5 * j);
+  for (auto form : {ss::root_form::inv_sqrt, ss::root_form::adam}) {
+    o.form = form;
+    ss::block_engine<double> range(sizes, constant(0.95), o), cold(sizes, constant(0.95), o);
+    std::vector<double> g(45), v(45), dr(45), dc(45);
+    for (int round = 0; round < 5; ++round) {
+      for (int t = 0; t < 9; ++t) {
+        Eigen::VectorXd z(6);
+        for (index_t j = 0; j < 6; ++j) z[j] = normal(rng);
+        const Eigen::VectorXd gb = L * z;
+        std::copy(gb.data(), gb.data() + 40, g.data());
+        for (index_t i = 40; i < 45; ++i) g[i] = normal(rng);
+        range.update(g.data());
+        cold.update(g.data());
+      }
+      range.refresh(-1, true);
+      cold.refresh(-1, false);
+      for (double& x : v) x = normal(rng);
+      range.direction(v.data(), dr.data());
+      cold.direction(v.data(), dc.data());
+      // The null space's share of v is scaled by 1 / sqrt(eps) or 1 / eps, so compare the
+      // directions relative to the whole vector.
+      EXPECT_LT(worst_block_error(sizes, dr, dc), form == ss::root_form::adam ? 1e-9 : 1e-11)
+          << round;
+    }
+    const auto st = range.statistics();
+    EXPECT_EQ(st.warm_refreshes[0], 5);  // the range refresh each time
+    EXPECT_EQ(st.warm_refreshes[1], 0);  // full rank: cold
+    EXPECT_EQ(cold.statistics().warm_refreshes[0], 0);
+  }
+}
+
 TEST(BlockEngineErrors, BadInputChangesNothing) {
   ss::block_engine<float> eng({3, 2}, constant(0.9));
   std::vector<float> g{1, 2, 3, 4, 5}, x(5, 1.0f);

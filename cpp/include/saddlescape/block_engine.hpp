@@ -20,6 +20,15 @@
 /// N quadrature nodes (about 30 in float32, 100 in float64), instead of an O(B^3) factorisation.
 /// The dense estimate is touched only at refreshes (a rank-k syrk folds the gradients in).
 ///
+/// A refresh of a rank-deficient block is a range refresh: the rows since its last refresh,
+/// rotated into V's basis, have their components in the previous null space (lambda = 0) split
+/// off by Householder reflectors, which leaves m <= rank + k columns that can carry the new
+/// estimate; Rayleigh-Ritz with S on them gives its eigenpairs in O(B^2 m) instead of syevd's
+/// O(B^3), and the rest of the rotated null space keeps the eigenvalue 0. Taken when
+/// m <= 0.6 B (float32) or 0.7 B (float64), where it is faster (bench_blocks.py --only range),
+/// and when the last refactorisation was an exact one (not a kept basis, no fallback_eps ever);
+/// every 16th refresh of a block is cold, so that the basis's rounding does not accumulate.
+///
 /// Refreshes are staggered: block b refactors when refresh_every updates have passed since its
 /// last refresh, counted from an offset of b mod refresh_every, so a step refactors about
 /// n_blocks / refresh_every blocks. The worst step costs that many factorisations of the
@@ -87,7 +96,8 @@ struct block_engine_options {
 /// Per-block figures for logging (plain numbers).
 struct block_statistics {
   std::vector<std::int64_t> refreshes;       ///< factorisations so far
-  std::vector<std::int64_t> warm_refreshes;  ///< of which converged from the previous basis
+  /// of which started from the previous basis: range refreshes and converged warm starts
+  std::vector<std::int64_t> warm_refreshes;
   std::vector<std::int64_t> fallbacks;       ///< warm starts that fell back to syevd
   std::vector<double> lambda_min, lambda_max;  ///< of G_b at its last refresh (0 before any)
   std::vector<std::int64_t> pending;           ///< gradients held since the last refresh
@@ -149,7 +159,7 @@ class block_engine {
   /// update(g), then x <- x - lr A g. x is unchanged if anything throws.
   void step(T* x, const T* g, double lr);
   /// Refactors the given block (or every block, block = -1) now: with warm = false by syevd,
-  /// else as the options say. Does not change the estimate, only its representation.
+  /// else as a step would (the range refresh where it applies, the warm start if enabled). Does not change the estimate, only its representation.
   void refresh(index_t block = -1, bool warm = true);
 
   /// Test hook for the fallback policy: the next `attempts` refreshes of `block` that commit
