@@ -535,8 +535,7 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         if (i >= blk.k) {
           T* h = hb.H.data() + i * n;
           std::copy(gb + (i - blk.k) * dim_, gb + (i - blk.k) * dim_ + n, h);
-          detail::lapack::gemm('T', 'N', ni, 1, ni, T(1), blk.V.data(), ni, h, ni, T(0),
-                               hb.U.data() + i * n, ni);
+          detail::lapack::gemv('T', ni, ni, T(1), blk.V.data(), ni, h, T(0), hb.U.data() + i * n);
         }
         const double r = std::sqrt(corr * (i < blk.k ? decay * blk.w[i] : win[i - blk.k]));
         for (index_t j = 0; j < n; ++j) sc.Q[i * n + j] = r * double(blk.U[i * n + j]);
@@ -584,8 +583,8 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         }
         for (index_t i = 0; i < kin; ++i) {
           for (index_t j = 0; j < n; ++j) sc.yt[j] = gb[i * dim_ + j];
-          detail::lapack::gemm('T', 'N', ni, 1, ni, T(1), blk.V.data(), ni, sc.yt.data(), ni,
-                               T(0), sc.zt.data(), ni);
+          detail::lapack::gemv('T', ni, ni, T(1), blk.V.data(), ni, sc.yt.data(), T(0),
+                               sc.zt.data());
           const double r = std::sqrt(win[i]);
           for (index_t j = 0; j < n; ++j) sc.Q[(blk.k + i) * n + j] = r * double(sc.zt[j]);
         }
@@ -712,12 +711,10 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         if (jb.lambda[j] <= floor) jb.lambda[j] = 0.0;
       if (!v) return;
       for (index_t j = 0; j < n; ++j) sc.yt[j] = v[blk.off + j];
-      detail::lapack::gemm('T', 'N', ni, 1, ni, T(1), jb.V.data(), ni, sc.yt.data(), ni, T(0),
-                           sc.zt.data(), ni);
+      detail::lapack::gemv('T', ni, ni, T(1), jb.V.data(), ni, sc.yt.data(), T(0), sc.zt.data());
       for (index_t j = 0; j < n; ++j)
         sc.zt[j] = static_cast<T>(double(sc.zt[j]) * root_value(corr * jb.lambda[j], form, eps));
-      detail::lapack::gemm('N', 'N', ni, 1, ni, T(1), jb.V.data(), ni, sc.zt.data(), ni, T(0),
-                           out + blk.off, ni);
+      detail::lapack::gemv('N', ni, ni, T(1), jb.V.data(), ni, sc.zt.data(), T(0), out + blk.off);
     } else {
       // The incoming rows go into the unused history slots k..k+kin-1 (invisible until commit);
       // with v they are already there.
@@ -726,8 +723,8 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         for (index_t i = 0; i < kin; ++i) {
           T* h = hb.H.data() + (blk.k + i) * n;
           std::copy(gb + i * dim_, gb + i * dim_ + n, h);
-          detail::lapack::gemm('T', 'N', ni, 1, ni, T(1), blk.V.data(), ni, h, ni, T(0),
-                               hb.U.data() + (blk.k + i) * n, ni);
+          detail::lapack::gemv('T', ni, ni, T(1), blk.V.data(), ni, h, T(0),
+                               hb.U.data() + (blk.k + i) * n);
         }
         return;
       }
@@ -736,15 +733,13 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         for (index_t j = 0; j < n; ++j) sc.y[j] = blk.U[blk.k * n + j];
       } else {
         for (index_t j = 0; j < n; ++j) sc.yt[j] = v[blk.off + j];
-        detail::lapack::gemm('T', 'N', ni, 1, ni, T(1), blk.V.data(), ni, sc.yt.data(), ni,
-                             T(0), sc.zt.data(), ni);
+        detail::lapack::gemv('T', ni, ni, T(1), blk.V.data(), ni, sc.yt.data(), T(0), sc.zt.data());
         for (index_t j = 0; j < n; ++j) sc.y[j] = sc.zt[j];
       }
       detail::lowrank_apply(sc.D.data(), n, sc.Q.data(), rows, sc.y.data(), form, eps, tol_,
                             sc.z.data(), sc.lowrank);
       for (index_t j = 0; j < n; ++j) sc.zt[j] = static_cast<T>(sc.z[j]);
-      detail::lapack::gemm('N', 'N', ni, 1, ni, T(1), blk.V.data(), ni, sc.zt.data(), ni, T(0),
-                           out + blk.off, ni);
+      detail::lapack::gemv('N', ni, ni, T(1), blk.V.data(), ni, sc.zt.data(), T(0), out + blk.off);
     }
     if (!detail::all_finite(out + blk.off, n))
       SADDLESCAPE_NUMERICAL_FAIL("the direction of ", name(), " is not finite (", detail::type_name<T>(),
