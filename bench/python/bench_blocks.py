@@ -10,10 +10,13 @@
    updates (beta = 0.99), against its cold refresh (syevd) and scipy's ``dsyevd``/``ssyevd`` of
    the same matrix; the accuracy of ``direction(g)`` against (G + eps I)^(-1/2) g computed from
    ``np.linalg.eigh`` of a float64 G tracked here in numpy.
-4. ``mlp``: block RMSProp with exact directions (``BlockEngine.step``) on the 85,002 parameters of
-   a 64-256-256-10 MLP, blocks of 256, float32, against the straightforward torch implementation
-   (batched ``eigh`` every 10 steps, stale in between) and against the memory-traffic bound of
-   the step at the bandwidth measured in the same run.
+4. ``mlp``: block RMSProp with exact directions (``BlockEngine.step``, default options) on the
+   85,002 parameters of a 64-256-256-10 MLP, blocks of 256, float32, against the straightforward
+   torch implementation (batched ``eigh`` every 10 steps, stale in between) and against the
+   memory-traffic bound of the step at the bandwidth measured in the same run; once after 16
+   warm-up steps (early training: every block rank-deficient, refreshed by the range refresh)
+   and once after 320 (every block full rank: cold refreshes, the steady state).
+5. ``range``: the range refresh of a rank-deficient block against its cold syevd and scipy's.
 
 Each timed block starts after a pause that lets the other libraries' thread pools go idle and
 one untimed call (see benchutil.py); rounds rotate the order of the routes and the tables report
@@ -23,6 +26,7 @@ Every item runs on its own: a missing torch, saddlescape.BlockEngine or engine m
 
     python bench/python/bench_blocks.py                          # every item, 11 rounds
     python bench/python/bench_blocks.py --only warm,mlp --rounds 7
+    python bench/python/bench_blocks.py --only mlp,range --rounds 7
     python bench/python/bench_blocks.py --quick                  # tiny sizes, < 30 s
 """
 
@@ -474,7 +478,7 @@ def item_mlp(layers: list[int], block: int, warmup: int, steps: int, rounds: int
     eng_info: dict[str, object] = {}
     if not why:
         try:
-            probe = make_engine(sizes, np.float32, refresh_every)
+            probe = make_engine(sizes, np.float32, refresh_every, warm_start=False)
             lack = missing(probe, ["step"])
             if lack:
                 why = "BlockEngine lacks " + ", ".join(lack)
@@ -486,7 +490,7 @@ def item_mlp(layers: list[int], block: int, warmup: int, steps: int, rounds: int
 
     if not why:
         def engine_run() -> list[float]:
-            eng = make_engine(sizes, np.float32, refresh_every)
+            eng = make_engine(sizes, np.float32, refresh_every, warm_start=False)
             x = x0.copy()
             for t in range(warmup):
                 eng.step(x, grads[t], lr)
@@ -590,9 +594,93 @@ def item_mlp(layers: list[int], block: int, warmup: int, steps: int, rounds: int
 
 
 # --------------------------------------------------------------------------------------------
+# 5: the range refresh of a rank-deficient block
 
 
-ITEMS = ("batched", "single", "warm", "mlp")
+# float32 resolves a block's eigenvalues only to about n u lambda_max (1.5e-5 lambda_max at
+# n = 256): with eps = 1e-8 every route's null-space share would be off by up to 30% (both the
+# range and the cold refresh, in any library), which says nothing about the refresh.
+RANGE_EPS = 1e-3
+
+
+def range_row(n: int, m: int, dtype: type, rounds: int, settle: float) -> list[str]:
+    """One row of item 5: a block of n whose estimate has rank m - 16, refreshed after 16 more
+    updates (rank <= m): the range refresh (refresh(warm=True)) against the cold syevd
+    (refresh(warm=False)) and scipy's syevd of the same matrix; errors against float64."""
+    name = np.dtype(dtype).name
+    rng = np.random.default_rng(n * 1000 + m)
+    r = m - 16
+    basis = rng.standard_normal((n, r)) * np.logspace(-2, 0, r) / np.sqrt(n)  # lambda_max ~ 1
+    eng = ss.BlockEngine([n], beta=BETA, eps=RANGE_EPS, refresh_every=256, dtype=dtype)
+    G = np.zeros((n, n))
+    for t in range(r + 16):
+        g = (basis @ rng.standard_normal(r)).astype(dtype)
+        eng.update(g)
+        G = BETA * G + (1 - BETA) * np.outer(g.astype(np.float64), g.astype(np.float64))
+        if t == r - 1:
+            eng.refresh(0, False)  # the previous factorisation, of rank r
+    state = eng.state_dict()
+    syevd = lapack.ssyevd if dtype is np.float32 else lapack.dsyevd
+    Gd = np.asfortranarray(G.astype(dtype))
+    v = rng.standard_normal(n).astype(dtype)
+    w, V = np.linalg.eigh(G)
+    ref = V @ ((np.clip(w, 0, None) + RANGE_EPS) ** -0.5 * (V.T @ v.astype(np.float64)))
+
+    times: dict[str, list[float]] = {"range": [], "cold": [], "scipy": []}
+    errs: dict[str, float] = {}
+    for rd in range(rounds + 1):  # the first is untimed
+        for route in rotated(list(times), rd):
+            time.sleep(settle)
+            if route == "scipy":
+                a = Gd.copy(order="F")
+                start = time.perf_counter()
+                syevd(a, compute_v=1, lower=1, overwrite_a=1)
+                elapsed = time.perf_counter() - start
+            else:
+                eng.load_state_dict(state)
+                start = time.perf_counter()
+                eng.refresh(0, route == "range")
+                elapsed = time.perf_counter() - start
+                d = eng.direction(v).astype(np.float64)
+                errs[route] = max(errs.get(route, 0.0),
+                                  float(np.linalg.norm(d - ref) / np.linalg.norm(ref)))
+            if rd:
+                times[route].append(elapsed)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    eng.load_state_dict(state)
+    eng.refresh(0, True)
+    took = eng.statistics()["warm_refreshes"][0] > 0
+    return [str(n), str(m), name, fmt_time(med["range"]), fmt_time(med["cold"]),
+            fmt_time(med["scipy"]), fmt_ratio(med["cold"], med["range"]),
+            fmt_ratio(med["scipy"], med["range"]), fmt_err(errs.get("range")),
+            fmt_err(errs.get("cold")), "range" if took else "cold (m above the threshold)"]
+
+
+def item_range(dims: list[int], rounds: int, settle: float) -> None:
+    print(f"\n### 5. Range refresh of a rank-deficient block (16 updates since a refresh of rank "
+          f"m - 16; beta = {BETA}, eps = {RANGE_EPS:g}; median of {rounds} rounds)\n")
+    why = has_engine()
+    if why:
+        print(f"{NA} ({why})")
+        return
+    rows = []
+    for n in dims:
+        for m in sorted({max(int(frac * n), 17) for frac in (0.125, 0.25, 0.5, 0.6)}):
+            for dtype in (np.float32, np.float64):
+                rows.append(range_row(n, m, dtype, rounds, settle))
+        print(f"  done n={n}", file=sys.stderr, flush=True)
+    table(["n", "m (rank + 16)", "dtype", "range refresh", "cold (syevd)", "scipy syevd",
+           "cold / range", "scipy / range", "err range", "err cold", "route taken"], rows)
+    print("\nerr: ||A v - ref|| / ||ref|| for a random v after the refresh, ref from "
+          "np.linalg.eigh of the float64 estimate tracked in numpy. The engine takes the range "
+          "refresh when m <= 0.6 n (float32) or 0.7 n (float64), where it was faster than the "
+          "cold route in a build that took it at every m (bench/RESULTS.md).")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+ITEMS = ("batched", "single", "warm", "mlp", "range")
 
 
 def main() -> None:
@@ -611,7 +699,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300,
                         help="items 3 and 4: stop adding rounds to a row after this many seconds "
                              "(at least 2 rounds for item 3, 1 for item 4; the output says so)")
-    parser.add_argument("--mlp-warmup", type=int, default=16, help="item 4: untimed steps first")
+    parser.add_argument("--mlp-warmup", type=int, nargs="+", default=[16, 320],
+                        help="item 4: untimed steps first, one table each (default 16: early "
+                             "training, every block rank-deficient; 320: every block full rank)")
     parser.add_argument("--mlp-steps", type=int, default=None, help="item 4: timed steps (default 64)")
     args = parser.parse_args()
 
@@ -638,9 +728,10 @@ def main() -> None:
         ("single", lambda: item_single(16, single_calls, rounds, settle)),
         ("warm", lambda: item_warm(warm_dims, rounds, settle, args.warm_refresh_every, 16,
                                           args.budget)),
-        ("mlp", lambda: item_mlp(layers, block, args.mlp_warmup, mlp_steps,
-                                 max(3, rounds // 2) if not q else rounds, settle, 16, bw_bytes,
-                                 budget_s=args.budget)),
+        ("mlp", lambda: [item_mlp(layers, block, w, mlp_steps,
+                                  max(3, rounds // 2) if not q else rounds, settle, 16, bw_bytes,
+                                  budget_s=args.budget) for w in args.mlp_warmup]),
+        ("range", lambda: item_range([64] if q else [64, 256, 512], rounds, settle)),
     ]
     for name, job in jobs:
         if name not in only:
