@@ -11,7 +11,8 @@ steps go on from there, so the estimates evolve as in training), and the model's
 backward pass for scale. Routes: torch.optim.RMSprop (for-loop and foreach; torch 2.13 has no
 fused RMSprop), torch.optim.Adam (foreach and fused), saddlescape.torch.RMSProp with structure
 "diag" in both forms, saddlescape.torch.Adam (diag), and on the MLP saddlescape.torch.RMSProp
-with structure "block" (B = 256, float32 estimates, refresh_every = 16; exact directions). Ratios
+with structure "block" (B = 256, float32 estimates, refresh_every = 16; exact directions; each
+step on a new gradient, after 320 untimed steps that make every block full rank). Ratios
 are (torch's fastest RMSprop route) / (the route): above 1, faster than torch.
 
 Each timed block follows a pause and one untimed call (benchutil.compare); rounds rotate the
@@ -76,7 +77,40 @@ def routes(model: torch.nn.Module, block: bool) -> dict[str, torch.optim.Optimiz
     return out
 
 
-def bench(name: str, make, rounds: int, target_s: float, block: bool) -> None:
+def block_steps(model, x, y, opts, slow, warmup: int):
+    """The block routes' steps, each on a new gradient. One gradient over and over would keep
+    every block's estimate at rank 1, refreshed for almost nothing; the gradients of `warmup`
+    random batches (untimed, the first `warmup` steps) make them full rank, the steady state of
+    training (rank-deficient blocks refresh faster: bench_blocks.py item 4)."""
+    params = [p for p in model.parameters()]
+    pool = []
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(warmup + 64):
+        model.zero_grad(set_to_none=False)
+        xb = torch.randn(x.shape, generator=gen)
+        yb = torch.randint(0, 10, y.shape, generator=gen)
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        pool.append([p.grad.clone() for p in params])
+    calls = {k: 0 for k in slow}
+
+    def stepper(name):
+        def step():
+            i = calls[name]
+            calls[name] += 1
+            grads = pool[i] if i < warmup else pool[warmup + (i - warmup) % 64]
+            for p, g in zip(params, grads):
+                p.grad.copy_(g)
+            opts[name].step()
+        return step
+
+    out = {k: stepper(k) for k in slow}
+    for k, f in out.items():
+        for _ in range(warmup):
+            f()
+    return out
+
+
+def bench(name: str, make, rounds: int, target_s: float, block: bool, warmup: int = 320) -> None:
     model, x, y = make()
     n = sum(q.numel() for q in model.parameters())
     print(f"\n## {name}: {n:,} parameters in {len(list(model.parameters()))} tensors "
@@ -93,7 +127,8 @@ def bench(name: str, make, rounds: int, target_s: float, block: bool) -> None:
     fast = {k: v for k, v in steps.items() if "block" not in k}
     times = benchutil.compare({**fast, "forward + backward": fwd_bwd}, rounds, target_s)
     if slow:  # ~50 ms a step: fewer calls per round, the same rounds
-        times.update(benchutil.compare(slow, rounds, max(target_s, 0.5)))
+        times.update(benchutil.compare(block_steps(model, x, y, opts, slow, warmup),
+                                       rounds, max(target_s, 0.5)))
     base_name = min(("torch RMSprop (for-loop)", "torch RMSprop (foreach)"), key=times.get)
     base = times[base_name]
     print(f"baseline: {base_name}, {base * 1e6:.0f} us per step\n")
