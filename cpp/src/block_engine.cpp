@@ -102,10 +102,11 @@ std::size_t block_engine<T>::memory_bytes_for(const std::vector<index_t>& sizes,
     bytes += (2.0 * n * n + 2.0 * r * n) * sizeof(T) + (n + r) * sizeof(double);
     largest = std::max(largest, n);
   }
-  // Refresh buffers for the blocks one step refactors, and one thread's workspace.
+  // Refresh buffers for the blocks one step refactors, and one thread's workspace (the range
+  // refresh's double copies of S, V's null part and the rotated columns: up to 5 B^2).
   const double refreshing = std::ceil(static_cast<double>(sizes.size()) / r);
   bytes += refreshing * (2.0 * largest * largest * sizeof(T) + largest * sizeof(double));
-  bytes += 4.0 * largest * largest * sizeof(double);
+  bytes += 9.0 * largest * largest * sizeof(double);
   return bytes >= 1.8e19 ? std::numeric_limits<std::size_t>::max()
                          : static_cast<std::size_t>(bytes);
 }
@@ -590,8 +591,9 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         }
       };
       jb.warm_ok = false;
-      // The range refresh (a rank-deficient block) needs V diag(lambda) V^T to be the last
-      // estimate's: not after a kept basis (Rayleigh quotients) or a retry with fallback_eps
+      // The range refresh (a rank-deficient block) takes the columns of V whose lambda is 0 as
+      // the last estimate's null space: true after an exact factorisation, not trusted after a
+      // kept basis (Rayleigh quotients of a stale basis) or a retry with fallback_eps
       // (eigenvalues of a shifted estimate). Every range_period-th refresh of a block is cold,
       // staggered across blocks like the refreshes themselves, so that blocks refactoring at
       // every step (the adam form's singular ones) do not all go cold in the same step.
