@@ -320,30 +320,7 @@ bool range_refresh(const T* V, const double* lambda, const T* S, index_t n, cons
   if (kp > 0) {
     // Householder QR of the null rows C (p x k), the reflectors stored below the diagonal.
     fit(w.tau, kp);
-    for (index_t j = 0; j < kp; ++j) {
-      double* x = C + j * p + j;
-      const index_t len = p - j;
-      double sigma = 0.0;
-      for (index_t i = 1; i < len; ++i) sigma += x[i] * x[i];
-      double tau = 0.0;
-      if (sigma > 0.0) {
-        const double mu = std::sqrt(x[0] * x[0] + sigma);
-        // The sign choice that avoids cancellation: H x = mu e_1 either way.
-        const double v0 = x[0] <= 0.0 ? x[0] - mu : -sigma / (x[0] + mu);
-        tau = 2.0 * v0 * v0 / (sigma + v0 * v0);
-        for (index_t i = 1; i < len; ++i) x[i] /= v0;
-        x[0] = mu;
-        for (index_t a = j + 1; a < k; ++a) {  // H applied to the columns on the right
-          double* y = C + a * p + j;
-          double s = y[0];
-          for (index_t i = 1; i < len; ++i) s += x[i] * y[i];
-          s *= tau;
-          y[0] -= s;
-          for (index_t i = 1; i < len; ++i) y[i] -= s * x[i];
-        }
-      }
-      w.tau[j] = tau;
-    }
+    detail::householder_qr(C, p, k, w.tau.data());
     // W (p x kp, unit lower trapezoidal) and T with H_0 ... H_(kp-1) = I - W T W^T.
     fit(w.W, p * kp);
     fit(w.Tm, kp * kp);
@@ -525,6 +502,7 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
 
     const index_t rows = blk.k + kin;
     const double g = corr * decay * blk.gamma;
+    double null_floor = 0.0;  // set with the lowrank operands
     if (!jb.refresh && v) {
       // The lowrank operands, in V's basis: D = g lambda (+ eps), Q's columns sqrt(w_i) u_i.
       fit(sc.D, nn);
@@ -541,7 +519,15 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         const double r = std::sqrt(corr * (i < blk.k ? decay * blk.w[i] : win[i - blk.k]));
         for (index_t j = 0; j < n; ++j) sc.Q[i * n + j] = r * double(blk.U[i * n + j]);
       }
-      if (!detail::lowrank_stable(sc.D.data(), n, sc.Q.data(), rows, form, eps, tol_))
+      // Null components of the new rows as small as the rounding of V^T h in T (relative
+      // n u) are noise, which the adam form's split drops instead of bordering with it.
+      double q2 = 0.0;
+      for (index_t i = 0; i < rows * n; ++i) q2 += sc.Q[i] * sc.Q[i];
+      const double nu =
+          static_cast<double>(n) * static_cast<double>(std::numeric_limits<T>::epsilon());
+      null_floor = nu * nu * q2;
+      if (!detail::lowrank_stable(sc.D.data(), n, sc.Q.data(), rows, form, eps, tol_, null_floor,
+                                  sc.lowrank))
         jb.refresh = true;  // refactored exactly instead (counted as a refresh)
     }
     if (jb.refresh) {
@@ -739,7 +725,7 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
         for (index_t j = 0; j < n; ++j) sc.y[j] = sc.zt[j];
       }
       detail::lowrank_apply(sc.D.data(), n, sc.Q.data(), rows, sc.y.data(), form, eps, tol_,
-                            sc.z.data(), sc.lowrank);
+                            null_floor, sc.z.data(), sc.lowrank);
       for (index_t j = 0; j < n; ++j) sc.zt[j] = static_cast<T>(sc.z[j]);
       detail::lapack::gemv('N', ni, ni, T(1), blk.V.data(), ni, sc.zt.data(), T(0), out + blk.off);
     }
