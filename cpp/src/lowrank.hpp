@@ -123,6 +123,35 @@ inline void householder_apply(const double* C, index_t p, index_t kp, const doub
   }
 }
 
+/// Cholesky factor, in place, of the row-major SPD k x k matrix A read from its lower triangle
+/// (A[i * k + j], i >= j), each pivot clamped to at least `floor` (a known lower bound of A's
+/// eigenvalues, below which a pivot is rounding).
+inline void cholesky_lower(double* A, index_t k, double floor) {
+  for (index_t j = 0; j < k; ++j) {
+    double diag = A[j * k + j];
+    for (index_t l = 0; l < j; ++l) diag -= A[j * k + l] * A[j * k + l];
+    diag = std::sqrt(std::max(diag, floor));
+    A[j * k + j] = diag;
+    for (index_t i = j + 1; i < k; ++i) {
+      double v = A[i * k + j];
+      for (index_t l = 0; l < j; ++l) v -= A[i * k + l] * A[j * k + l];
+      A[i * k + j] = v / diag;
+    }
+  }
+}
+
+/// v <- (L L^T)^(-1) v for the factor L of cholesky_lower.
+inline void cholesky_solve(const double* L, index_t k, double* v) {
+  for (index_t i = 0; i < k; ++i) {
+    for (index_t l = 0; l < i; ++l) v[i] -= L[i * k + l] * v[l];
+    v[i] /= L[i * k + i];
+  }
+  for (index_t i = k - 1; i >= 0; --i) {
+    for (index_t l = i + 1; l < k; ++l) v[i] -= L[l * k + i] * v[l];
+    v[i] /= L[i * k + i];
+  }
+}
+
 /// The quadrature of lowrank_apply on diag(D) + Q Q^T (d x d, D > 0 unless d = 0), optionally
 /// bordered by kp more coordinates on which the diagonal is zero and the low-rank factor is
 /// R (kp x k, row-major): M = [[R R^T, R Q^T], [Q R^T, D + Q Q^T]], y = [yk; y], z = [zk; z].
@@ -223,35 +252,14 @@ inline void lowrank_core(const double* D, index_t d, const double* Q, index_t k,
     index_t at = 0;
     for (index_t a = 0; a < k; ++a)
       for (index_t b = a; b < k; ++b, ++at) C[b * k + a] = pe[at] + (a == b ? 1.0 : 0.0);
-    // Cholesky of C (lower, C[i * k + j] for i >= j); C >= I, so every pivot is >= 1.
-    for (index_t j = 0; j < k; ++j) {
-      double diag = C[j * k + j];
-      for (index_t l = 0; l < j; ++l) diag -= C[j * k + l] * C[j * k + l];
-      // Every pivot of I + (positive semidefinite) is >= 1 in exact arithmetic; a smaller one is
-      // rounding, which happens when Q^T E Q is huge and rank-deficient (adam form, a singular
-      // estimate and k > rank, at the smallest nodes). Clamping keeps the solve finite; the
-      // directions it then gets wrong lie in Q's null space, which the correction E Q c drops.
-      diag = std::sqrt(std::max(diag, 1.0));
-      C[j * k + j] = diag;
-      for (index_t i = j + 1; i < k; ++i) {
-        double v = C[i * k + j];
-        for (index_t l = 0; l < j; ++l) v -= C[i * k + l] * C[j * k + l];
-        C[i * k + j] = v / diag;
-      }
-    }
+    // Every pivot of I + (positive semidefinite) is >= 1 in exact arithmetic; a smaller one is
+    // rounding, which happens when Q^T E Q is huge and rank-deficient (adam form, a singular
+    // estimate and k > rank, at the smallest nodes). Clamping keeps the solve finite; the
+    // directions it then gets wrong lie in Q's null space, which the correction E Q c drops.
+    cholesky_lower(C, k, 1.0);
     const double* rm = w.r.data() + m * k;
-    auto solve = [&](double* v) {  // v <- (I + C)^(-1) v through L L^T
-      for (index_t i = 0; i < k; ++i) {
-        for (index_t l = 0; l < i; ++l) v[i] -= C[i * k + l] * v[l];
-        v[i] /= C[i * k + i];
-      }
-      for (index_t i = k - 1; i >= 0; --i) {
-        for (index_t l = i + 1; l < k; ++l) v[i] -= C[l * k + i] * v[l];
-        v[i] /= C[i * k + i];
-      }
-    };
     for (index_t i = 0; i < k; ++i) x[i] = rm[i];
-    solve(x);
+    cholesky_solve(C, k, x);  // x = (I + C)^(-1) r
     if (kp > 0) {
       // With the border: the Schur complement S = R G + t I, G = (I + C)^(-1) R^T, gives the
       // border's a = S^(-1) (yk - R x), and the rest's correction weights become x + G a.
@@ -261,7 +269,7 @@ inline void lowrank_core(const double* D, index_t d, const double* Q, index_t k,
       double* a = w.a.data();
       for (index_t b = 0; b < kp; ++b) {
         for (index_t i = 0; i < k; ++i) G[b * k + i] = R[b * k + i];
-        solve(G + b * k);
+        cholesky_solve(C, k, G + b * k);
       }
       for (index_t b = 0; b < kp; ++b) {
         for (index_t c = 0; c <= b; ++c) {
@@ -273,25 +281,8 @@ inline void lowrank_core(const double* D, index_t d, const double* Q, index_t k,
         for (index_t i = 0; i < k; ++i) v -= R[b * k + i] * x[i];
         a[b] = v;
       }
-      for (index_t j = 0; j < kp; ++j) {  // Cholesky of S (lower); S >= t I exactly
-        double diag = S[j * kp + j];
-        for (index_t l = 0; l < j; ++l) diag -= S[j * kp + l] * S[j * kp + l];
-        diag = std::sqrt(std::max(diag, t));
-        S[j * kp + j] = diag;
-        for (index_t i = j + 1; i < kp; ++i) {
-          double v = S[i * kp + j];
-          for (index_t l = 0; l < j; ++l) v -= S[i * kp + l] * S[j * kp + l];
-          S[i * kp + j] = v / diag;
-        }
-      }
-      for (index_t i = 0; i < kp; ++i) {
-        for (index_t l = 0; l < i; ++l) a[i] -= S[i * kp + l] * a[l];
-        a[i] /= S[i * kp + i];
-      }
-      for (index_t i = kp - 1; i >= 0; --i) {
-        for (index_t l = i + 1; l < kp; ++l) a[i] -= S[l * kp + i] * a[l];
-        a[i] /= S[i * kp + i];
-      }
+      cholesky_lower(S, kp, t);  // S >= t I exactly: smaller pivots are rounding
+      cholesky_solve(S, kp, a);
       for (index_t b = 0; b < kp; ++b) {
         zk[b] += omega[m] * a[b];
         for (index_t i = 0; i < k; ++i) x[i] += G[b * k + i] * a[b];
