@@ -62,6 +62,7 @@ except Exception:  # the torch columns are optional
     torch = None
 
 EPS = 1e-8
+ADAM_EPS = 1e-4
 BETA = 0.99
 NA = "not available"
 
@@ -139,8 +140,9 @@ def missing(obj: object, names: list[str]) -> list[str]:
     return [n for n in names if not hasattr(obj, n)]
 
 
-def make_engine(sizes: list[int], dtype: type, refresh_every: int, warm_start: bool = True):
-    return ss.BlockEngine(sizes, beta=BETA, eps=EPS, form="inv_sqrt", refresh_every=refresh_every,
+def make_engine(sizes: list[int], dtype: type, refresh_every: int, warm_start: bool = True,
+                form: str = "inv_sqrt", eps: float = EPS):
+    return ss.BlockEngine(sizes, beta=BETA, eps=eps, form=form, refresh_every=refresh_every,
                           dtype=dtype, tol=None, bias_correction=False, warm_start=warm_start)
 
 
@@ -447,13 +449,17 @@ def bandwidth(nbytes: int, rounds: int, settle: float) -> dict[str, float]:
 
 def item_mlp(layers: list[int], block: int, warmup: int, steps: int, rounds: int, settle: float,
              refresh_every: int, bw_bytes: int, lr: float = 1e-3,
-             budget_s: float = math.inf) -> None:
+             budget_s: float = math.inf, form: str = "inv_sqrt") -> None:
+    # The adam form with float32 estimates takes eps = 1e-4, as the README advises (float32
+    # resolves eigenvalues only to about B u lambda_max; below that 1 / eps applies).
+    eps = EPS if form == "inv_sqrt" else ADAM_EPS
     dim = mlp_dim(layers)
     sizes = [block] * (dim // block) + ([dim % block] if dim % block else [])
     nb = len(sizes)
     pad = nb * block
-    print(f"\n### 4. Block RMSProp, exact directions: {'-'.join(map(str, layers))} MLP, dim = {dim}, "
-          f"{nb} blocks of {block} (last {sizes[-1]}), float32, beta = {BETA}, eps = {EPS:g}, "
+    print(f"\n### 4. Block RMSProp ({form} form), exact directions: {'-'.join(map(str, layers))} "
+          f"MLP, dim = {dim}, "
+          f"{nb} blocks of {block} (last {sizes[-1]}), float32, beta = {BETA}, eps = {eps:g}, "
           f"lr = {lr:g}; {warmup} warm-up steps, then {steps} timed (median of {rounds} rounds)\n")
 
     # Gradients g_t = L z_t, L block-diagonal with L_b = c_b Q_b diag(s_b): a random rotation,
@@ -478,7 +484,7 @@ def item_mlp(layers: list[int], block: int, warmup: int, steps: int, rounds: int
     eng_info: dict[str, object] = {}
     if not why:
         try:
-            probe = make_engine(sizes, np.float32, refresh_every, warm_start=False)
+            probe = make_engine(sizes, np.float32, refresh_every, False, form, eps)
             lack = missing(probe, ["step"])
             if lack:
                 why = "BlockEngine lacks " + ", ".join(lack)
@@ -490,7 +496,7 @@ def item_mlp(layers: list[int], block: int, warmup: int, steps: int, rounds: int
 
     if not why:
         def engine_run() -> list[float]:
-            eng = make_engine(sizes, np.float32, refresh_every, warm_start=False)
+            eng = make_engine(sizes, np.float32, refresh_every, False, form, eps)
             x = x0.copy()
             for t in range(warmup):
                 eng.step(x, grads[t], lr)
@@ -703,6 +709,8 @@ def main() -> None:
                         help="item 4: untimed steps first, one table each (default 16: early "
                              "training, every block rank-deficient; 320: every block full rank)")
     parser.add_argument("--mlp-steps", type=int, default=None, help="item 4: timed steps (default 64)")
+    parser.add_argument("--mlp-forms", nargs="+", default=["inv_sqrt"], choices=["inv_sqrt", "adam"],
+                        help="item 4: the engine's forms, one table each (default inv_sqrt)")
     args = parser.parse_args()
 
     only = {s for part in (args.only or ITEMS) for s in part.split(",") if s}
@@ -730,7 +738,8 @@ def main() -> None:
                                           args.budget)),
         ("mlp", lambda: [item_mlp(layers, block, w, mlp_steps,
                                   max(3, rounds // 2) if not q else rounds, settle, 16, bw_bytes,
-                                  budget_s=args.budget) for w in args.mlp_warmup]),
+                                  budget_s=args.budget, form=f)
+                         for f in args.mlp_forms for w in args.mlp_warmup]),
         ("range", lambda: item_range([64] if q else [64, 256, 512], rounds, settle)),
     ]
     for name, job in jobs:

@@ -272,8 +272,9 @@ bool jacobi(double* M, index_t n, T* V, double thresh, int max_sweeps, double mi
 constexpr std::int64_t range_period = 16;
 
 // The largest rank m for which the range refresh beats a cold syevd of n x n: about 0.6 n in
-// float32 and 0.75 n in float64 at n = 64 to 512 (bench/python/bench_blocks.py --only range;
-// its O(n^2 m) products run in double, against a float32 syevd in the float32 engine).
+// float32 and 0.75 n in float64 at n = 64 to 512, measured with a build that took it at every
+// m (its O(n^2 m) products run in double, against a float32 syevd in the float32 engine);
+// bench/python/bench_blocks.py --only range times it up to these thresholds.
 template <class T>
 index_t range_max_m(index_t n) {
   return sizeof(T) == 4 ? (3 * n) / 5 : (7 * n) / 10;
@@ -343,7 +344,7 @@ bool range_refresh(const T* V, const double* lambda, const T* S, index_t n, cons
       for (index_t a = 0; a < j; ++a) {
         double s = 0.0;
         for (index_t b = a; b < j; ++b) s += Tm[b * kp + a] * col[b];
-        col[a] = -w.tau[j] * s;  // col[b] for b > a is still W^T w_j: rows run upwards
+        col[a] = -w.tau[j] * s;  // a ascends: col[b], b >= a, still holds W^T w_j
       }
     }
     // V_n <- V_n (I - W T W^T) = V_n - ((V_n W) T) W^T, three matrix products.
@@ -521,11 +522,13 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
       }
       // Null components of the new rows as small as the rounding of V^T h in T (relative
       // n u) are noise, which the adam form's split drops instead of bordering with it.
-      double q2 = 0.0;
-      for (index_t i = 0; i < rows * n; ++i) q2 += sc.Q[i] * sc.Q[i];
-      const double nu =
-          static_cast<double>(n) * static_cast<double>(std::numeric_limits<T>::epsilon());
-      null_floor = nu * nu * q2;
+      if (form == root_form::adam) {
+        double q2 = 0.0;
+        for (index_t i = 0; i < rows * n; ++i) q2 += sc.Q[i] * sc.Q[i];
+        const double nu =
+            static_cast<double>(n) * static_cast<double>(std::numeric_limits<T>::epsilon());
+        null_floor = nu * nu * q2;
+      }
       if (!detail::lowrank_stable(sc.D.data(), n, sc.Q.data(), rows, form, eps, tol_, null_floor,
                                   sc.lowrank))
         jb.refresh = true;  // refactored exactly instead (counted as a refresh)
