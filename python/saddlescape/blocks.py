@@ -214,7 +214,8 @@ class BlockEngine:
     def update_direction(self, g: npt.ArrayLike, v: npt.ArrayLike | None = None) -> np.ndarray:
         """:meth:`update` with g, then A g (RMSProp's direction), or A v for the updated
         estimate when v is given (Adam's: v the bias-corrected first moment), in the same pass.
-        With v, a block whose low-rank update is unstable (the adam form on a singular G_b)
+        With v, a block whose low-rank update is unstable (the adam form where new gradients
+        reach eigenvalues of G_b near rounding, or its null space in too few directions)
         refactors once and keeps it, where :meth:`update` then :meth:`direction` would
         refactor it again at every call."""
         a = self._vector("g", g)

@@ -19,6 +19,11 @@
 /// by the trapezoidal rule in log t with Woodbury solves: O(B^2 + N k^2 B) per block and step for
 /// N quadrature nodes (about 30 in float32, 100 in float64), instead of an O(B^3) factorisation.
 /// The dense estimate is touched only at refreshes (a rank-k syrk folds the gradients in).
+/// In the adam form a singular G_ref (early in training) has exact zeros in lambda, where
+/// Woodbury would divide by the nodes' t: they are split off (Householder reflectors on the new
+/// rows' null components; f = 1/eps on the part they miss, a Schur complement on the part they
+/// reach). Where that part, or an eigenvalue near rounding that the rows reach, makes the
+/// update unstable for tol, the block refactors instead (counted as a refresh).
 ///
 /// A refresh of a rank-deficient block is a range refresh: the rows since its last refresh,
 /// rotated into V's basis, have their components in the previous null space (lambda = 0) split
