@@ -307,7 +307,7 @@ bool range_refresh(const T* V, const double* lambda, const T* S, index_t n, cons
   const index_t r = n - p, kp = std::min(k, p), m = r + kp;
   if (m > max_m || m == 0) return false;
   auto fit = [](std::vector<double>& v, index_t size) {
-    if (v.size() < static_cast<std::size_t>(size)) v.resize(static_cast<std::size_t>(size));
+    detail::lowrank_workspace::fit(v, static_cast<std::size_t>(size));
   };
   const int ni = static_cast<int>(n), pi = static_cast<int>(p), ki = static_cast<int>(kp);
   fit(w.C, std::max<index_t>(p * k, 1));

@@ -79,6 +79,15 @@ inline index_t lowrank_nodes(double lo, double hi, root_form form, double eps, d
   return static_cast<index_t>(std::ceil((s1 - s0) / h)) + 1;
 }
 
+/// y <- (I - tau v v^T) y for a reflector v of length len with v_0 = 1 (v[0] itself unread).
+inline void reflect(const double* v, index_t len, double tau, double* y) {
+  double s = y[0];
+  for (index_t i = 1; i < len; ++i) s += v[i] * y[i];
+  s *= tau;
+  y[0] -= s;
+  for (index_t i = 1; i < len; ++i) y[i] -= s * v[i];
+}
+
 /// Householder QR of the column-major p x k matrix C (in place, LAPACK's layout: R on and above
 /// the diagonal of its first min(p, k) rows, the reflectors' v below it with v_0 = 1), tau of
 /// min(p, k) entries: H_0 ... H_(min-1) [R; 0] = C with H_j = I - tau_j v_j v_j^T.
@@ -96,14 +105,7 @@ inline void householder_qr(double* C, index_t p, index_t k, double* tau) {
       t = 2.0 * v0 * v0 / (sigma + v0 * v0);
       for (index_t i = 1; i < len; ++i) x[i] /= v0;
       x[0] = mu;
-      for (index_t a = j + 1; a < k; ++a) {  // H applied to the columns on the right
-        double* y = C + a * p + j;
-        double s = y[0];
-        for (index_t i = 1; i < len; ++i) s += x[i] * y[i];
-        s *= t;
-        y[0] -= s;
-        for (index_t i = 1; i < len; ++i) y[i] -= s * x[i];
-      }
+      for (index_t a = j + 1; a < k; ++a) reflect(x, len, t, C + a * p + j);  // the columns right
     }
     tau[j] = t;
   }
@@ -114,12 +116,7 @@ inline void householder_apply(const double* C, index_t p, index_t kp, const doub
                               bool transpose, double* y) {
   for (index_t step = 0; step < kp; ++step) {
     const index_t j = transpose ? step : kp - 1 - step;
-    const double* v = C + j * p + j;
-    double s = y[j];
-    for (index_t i = 1; i < p - j; ++i) s += v[i] * y[j + i];
-    s *= tau[j];
-    y[j] -= s;
-    for (index_t i = 1; i < p - j; ++i) y[j + i] -= s * v[i];
+    reflect(C + j * p + j, p - j, tau[j], y + j);
   }
 }
 
