@@ -597,8 +597,34 @@ def test_block_and_full_staged_through_the_host_equal_the_direct_path(name, make
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("name", "make"), _HOST_ROUTES, ids=[r[0] for r in _HOST_ROUTES])
 def test_cuda_block_and_full_equal_cpu(name, make):
-    oa, ob, b = _cuda_against_cpu(make, _gradients(1, 26, 10, seed=20, rank=4), 1e-10)
+    # The host engine on CUDA parameters (test_torch_device_engine.py has the device engine's).
+    def on_host(params):
+        opt = make(params)
+        for group in opt.param_groups:
+            group["engine"] = "host"  # before the first step: no state is built yet
+        return opt
+
+    oa, ob, b = _cuda_against_cpu(on_host, _gradients(1, 26, 10, seed=20, rank=4), 1e-10)
     assert ob.statistics()["blocks"] == oa.statistics()["blocks"]
-    oc = make([torch.nn.Parameter(q.detach().clone()) for q in b])
+    oc = on_host([torch.nn.Parameter(q.detach().clone()) for q in b])
     oc.load_state_dict(ob.state_dict())  # the engines' companions stay on the host
     assert all(st["exp_avg"].device.type == "cpu" for st in oc.state.values() if "exp_avg" in st)
+
+
+def test_a_version_1_state_without_the_engine_option_still_loads():
+    # States saved before the engine option (version 1) load as engine="auto" and continue.
+    gs = _gradients(1, 26, 8, seed=42, rank=4)
+    a = _params()
+    oa = RMSProp(a, lr=0.02, structure="block", block_size=5)
+    _run(oa, a, gs[:4])
+    old = oa.state_dict()
+    old["saddlescape"] = 1
+    for g in old["param_groups"]:
+        del g["engine"]
+    for st in old["state"].values():
+        del st["options"]["engine"]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ob = RMSProp(b, lr=0.02, structure="block", block_size=5)
+    ob.load_state_dict(old)
+    assert ob.param_groups[0]["engine"] == "auto"
+    np.testing.assert_array_equal(_run(ob, b, gs[4:]), _run(oa, a, gs[4:]))

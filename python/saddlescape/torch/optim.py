@@ -32,11 +32,30 @@ paper's beta-lr coupling (Theorem 4.1, Sec. 5.4) follows any scheduler (t counts
 below 0 (C lr^(2/3) > 1) is a ValueError; lr = 0 gives the largest beta below 1.
 ``bias_correction=True`` divides the estimate by 1 - prod_t beta_t.
 
-Devices. The block engine is C++ on the host. For parameters on another device (CUDA) a
-"block" or "full" step copies the gradient to the host and the direction back (2 numel entries
-over PCIe) and keeps the estimates, eigenbases and Adam's first moment in host memory, so the
-step equals the CPU optimizer's to rounding (the weight decay and the final add run on the
-device); "diag" runs entirely on the device in torch operations.
+Devices. ``engine`` chooses where a "block" or "full" step computes:
+
+* ``"host"``: the C++ block engine above, in host memory. For parameters on a GPU a step copies
+  the gradient to the host and the direction back (2 numel entries over PCIe) and keeps the
+  estimates, eigenbases and Adam's first moment in host memory, so that it equals the CPU
+  optimizer's step to rounding (the weight decay and the final add run on the device).
+* ``"device"``: the estimates stay on the parameters' GPU, in (n, B, B) stacks of same-size
+  blocks, and each step is :func:`saddlescape.cuda.ema_update_batched` followed by
+  :func:`saddlescape.cuda.inv_root_apply` (an eigendecomposition of every block at every step:
+  no ``refresh_every`` period, no low-rank updates; the exact step, as
+  ``saddlescape.RMSProp(structure="block", solver="eigh")``, to rounding). The bias correction
+  enters as a scaled eps, f(G / s) = s^(1/2) f_(eps') (G) with eps' = s eps (inv_sqrt) or
+  s^(1/2) eps (adam). A block whose eigendecomposition fails is retried once in float64 by the
+  one-block-at-a-time divide-and-conquer route, then (``fallback_eps > 0``) with eps +
+  fallback_eps; if that fails too the step raises NumericalError with nothing changed. Needs
+  CUDA parameters and a usable :mod:`saddlescape.cuda` (else CUDAUnavailableError, with its
+  reason, at the first step).
+* ``"auto"`` (default): "device" for CUDA parameters when :func:`saddlescape.cuda.is_available`,
+  "host" otherwise. A loaded state keeps the engine it was saved with.
+
+"diag" runs on the parameters' device: on CPU the fused C++ pass, on CUDA
+:func:`saddlescape.cuda.rmsprop_diag_step` where it applies (RMSProp without bias correction,
+float32/float64 contiguous parameters with estimates of their dtype, past the burn-in) and
+torch operations otherwise; ``engine`` does not concern it.
 
 Dtypes. Parameters must be float32 or float64 (float16/bfloat16 and complex are refused with a
 TypeError naming them), on one device per optimizer. The estimate's dtype is ``dtype`` (default:
@@ -59,6 +78,7 @@ tensor's engine staggers its own refreshes).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -77,14 +97,19 @@ __all__ = ["Adam", "RMSProp", "SaddleEscape"]
 _STRUCTURES = ("block", "diag", "full")
 _FORMS = ("inv_sqrt", "adam")
 _SOLVERS = ("lowrank",)
+_ENGINES = ("auto", "host", "device")
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # Options that shape a parameter's state: fixed once the state exists.
 _BUILT = ("structure", "form", "block_size", "refresh_every", "solver", "dtype", "tol",
-          "max_consecutive_failures", "fallback_eps", "bias_correction")
-_STATE_VERSION = 1
+          "max_consecutive_failures", "fallback_eps", "bias_correction", "engine")
+# 2: the engine option and the device engine's estimates; version 1 states load as "auto".
+_STATE_VERSION = 2
+_LOADABLE_STATES = (1, 2)
 _BELOW_ONE = math.nextafter(1.0, 0.0)
 # The fused multi-tensor kernels (absent from an older build of the core: torch operations then).
 _NATIVE_DIAG = getattr(_core, "diag_rmsprop_step", None)
+# The device engine's per-parameter counters (statistics(); saved with the state).
+_DEVICE_COUNTERS = ("refreshes", "failed_refreshes", "float64_retries", "eps_retries")
 
 
 def _beta_value(name: str, beta: Any, C: float, lr: float) -> float:
@@ -139,6 +164,10 @@ class _Preconditioned(torch.optim.Optimizer):
     # Stage block/full steps through host tensors even for CPU parameters: lets the CPU tests
     # run the code path that parameters on a GPU take (the copies aside).
     _host_staging = False
+    # Test hook: an object with saddlescape.cuda's API (ema_update_batched, inv_root_apply,
+    # rmsprop_diag_step) used instead of saddlescape.cuda for parameters on any device, so that
+    # CPU tests run the code path that the device engine takes on a GPU.
+    _device_module: Any = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._validate(defaults, "the defaults")
@@ -171,6 +200,7 @@ class _Preconditioned(torch.optim.Optimizer):
         choice(f"structure ({where})", group["structure"], _STRUCTURES)
         choice(f"form ({where})", group["form"], _FORMS)
         choice(f"solver ({where})", group["solver"], _SOLVERS)
+        choice(f"engine ({where})", group["engine"], _ENGINES)
         bs = integer(f"block_size ({where})", group["block_size"])
         if bs < 1:
             raise ValueError(f"block_size ({where}) must be >= 1, got {bs}")
@@ -257,6 +287,8 @@ class _Preconditioned(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and st["sig"] != sig:
                     self._check_built(gi, group, st)
+                if not st and (group["structure"] == "block" or p is params[0]):
+                    self._device_engine(gi, group, p)  # refuses an unusable engine="device" now
             if group["structure"] == "full" and len(params) != len(group["params"]):
                 missing = next(i for i, p in enumerate(group["params"]) if p.grad is None)
                 raise ValueError(f"param group {gi}: structure 'full' couples all of a group's "
@@ -300,7 +332,7 @@ class _Preconditioned(torch.optim.Optimizer):
     def _native_diag(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
         """Whether the C++ kernel steps these parameters in one call (CPU, contiguous, the
         estimates in the parameters' dtype, one dtype, one counter state)."""
-        if _NATIVE_DIAG is None:
+        if _NATIVE_DIAG is None or self._device_module is not None:
             return False
         p0 = params[0]
         dt = self._estimate_dtype(group, p0)
@@ -323,6 +355,9 @@ class _Preconditioned(torch.optim.Optimizer):
     def _name(self, gi: int, group: dict[str, Any], p: torch.Tensor) -> str:
         i = next(k for k, q in enumerate(group["params"]) if q is p)
         return f"parameter {i} of param group {gi} (shape {tuple(p.shape)})"
+
+    def _names(self, gi: int, group: dict[str, Any], params: list[torch.Tensor]) -> str:
+        return ", ".join(self._name(gi, group, p) for p in params)
 
     def _check_built(self, gi: int, group: dict[str, Any], st: dict[str, Any]) -> None:
         for key in _BUILT:
@@ -442,9 +477,24 @@ class _Preconditioned(torch.optim.Optimizer):
         v = st["exp_avg_sq"]
         g = self._weighted(group, p, v.dtype).view(-1)
         rate, c = self._coefficients(group, st, lr, betas)
+        moving = self._moving(group, st, observe)
+        cuda = self._cuda_for(p) if moving and not self._adam and c == 1.0 else None
+        if cuda is not None and p.dtype == v.dtype and p.is_contiguous():
+            # One fused pass on the device. The gradients were checked before the step; with
+            # weight decay the sum g + wd p was not, so the kernel checks it then.
+            wd = bool(group["weight_decay"])
+            try:
+                with _on(p.device):
+                    cuda.rmsprop_diag_step(p.detach().view(-1), g, v, rate, b, group["eps"],
+                                           group["form"], check=wd)
+            except (ValueError, _core.NumericalError) as e:
+                gi = next(i for i, q in enumerate(self.param_groups) if q is group)
+                raise type(e)(f"{self._name(gi, group, p)}, its gradient plus weight decay: "
+                              f"{e}") from None
+            return
         v.mul_(b).addcmul_(g, g, value=1.0 - b)
         v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
-        if not self._moving(group, st, observe):
+        if not moving:
             return
         if self._adam:
             num = st["exp_avg"]
@@ -464,18 +514,57 @@ class _Preconditioned(torch.optim.Optimizer):
                            max_consecutive_failures=group["max_consecutive_failures"],
                            fallback_eps=float(group["fallback_eps"]))
 
+    def _cuda_for(self, p: torch.Tensor) -> Any:
+        """The saddlescape.cuda-like module that can step p where it lives, or None."""
+        if self._device_module is not None:
+            return self._device_module
+        if p.device.type != "cuda":
+            return None
+        from saddlescape import cuda
+
+        return cuda if cuda.is_available() else None
+
+    def _device_engine(self, gi: int, group: dict[str, Any], p: torch.Tensor) -> bool:
+        """Whether a new block/full state of p lives on p's device (the engine option);
+        engine='device' where it cannot is an error naming the parameter."""
+        if group["engine"] == "host":
+            return False
+        usable = self._cuda_for(p) is not None
+        if usable or group["engine"] == "auto":
+            return usable
+        name = self._name(gi, group, p)
+        if p.device.type != "cuda":
+            raise ValueError(f"{name}: engine='device' needs CUDA parameters, this one is on "
+                             f"{p.device}; use engine='host' or 'auto'")
+        from saddlescape import cuda
+
+        raise cuda.CUDAUnavailableError(f"{name}: engine='device': {cuda.unavailable_reason()}")
+
+    def _engine_state(self, gi: int, group: dict[str, Any], head: torch.Tensor, sizes: list[int],
+                      beta: float) -> dict[str, Any]:
+        """A new block/full state over blocks of these sizes: a host engine, or (n, B, B)
+        stacks of zero estimates on the device; Adam's first moment beside it."""
+        new = self._new_state(group)
+        dt = self._estimate_dtype(group, head)
+        home = torch.device("cpu")
+        if self._device_engine(gi, group, head):
+            home = head.device
+            new["estimates"] = [torch.zeros((n, b, b), dtype=dt, device=home)
+                                for b, n in _runs(sizes)]
+            new.update(dict.fromkeys(_DEVICE_COUNTERS, 0))
+        else:
+            new["engine"] = self._engine_for(group, sizes, dt, beta)
+        if self._adam:
+            new["exp_avg"] = torch.zeros(sum(sizes), dtype=dt, device=home)
+        return new
+
     def _block(self, gi: int, group: dict[str, Any], p: torch.Tensor, lr: float,
                betas: tuple[float, ...], observe: bool) -> None:
         st = self.state[p]
         fresh = not st
         if fresh:
-            new = self._new_state(group)
-            dt = self._estimate_dtype(group, p)
-            new["engine"] = self._engine_for(group, partition(p.numel(), group["block_size"]), dt,
-                                             betas[-1])
-            if self._adam:
-                new["exp_avg"] = torch.zeros(p.numel(), dtype=dt)
-            st.update(new)
+            st.update(self._engine_state(gi, group, p, partition(p.numel(), group["block_size"]),
+                                         betas[-1]))
         try:
             self._engine_step(gi, group, [p], st, lr, betas, observe)
         except BaseException:
@@ -490,13 +579,8 @@ class _Preconditioned(torch.optim.Optimizer):
         st = self.state[head]
         fresh = not st
         if fresh:
-            new = self._new_state(group)
-            dt = self._estimate_dtype(group, head)
-            n = sum(p.numel() for p in params)
-            new["engine"] = self._engine_for(group, [n], dt, betas[-1])
-            if self._adam:
-                new["exp_avg"] = torch.zeros(n, dtype=dt)
-            st.update(new)
+            st.update(self._engine_state(gi, group, head, [sum(p.numel() for p in params)],
+                                         betas[-1]))
         try:
             self._engine_step(gi, group, params, st, lr, betas, observe)
         except BaseException:
@@ -506,6 +590,18 @@ class _Preconditioned(torch.optim.Optimizer):
 
     def _engine_step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor],
                      st: dict[str, Any], lr: float, betas: tuple[float, ...], observe: bool) -> None:
+        move = self._moving(group, st, observe)
+        if "engine" in st:
+            self._host_step(gi, group, params, st, lr, betas, move)
+        else:
+            self._device_step(gi, group, params, st, lr, betas, move)
+        if move:
+            st["moves"] += 1
+        st["steps"] += 1
+        st["beta_product"] *= betas[-1]
+
+    def _host_step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor],
+                   st: dict[str, Any], lr: float, betas: tuple[float, ...], move: bool) -> None:
         engine: BlockEngine = st["engine"]
         dt = torch.float64 if engine.dtype == np.float64 else torch.float32
         engine.set_beta(betas[-1])
@@ -517,7 +613,6 @@ class _Preconditioned(torch.optim.Optimizer):
         if staged:
             g = g.to("cpu", copy=True)  # one transfer; the engine reads host memory
         gn = g.numpy()
-        move = self._moving(group, st, observe)
         try:
             if not move:
                 engine.update(gn)
@@ -537,12 +632,84 @@ class _Preconditioned(torch.optim.Optimizer):
                 else:
                     self._apply(params, torch.from_numpy(engine.update_direction(gn)), lr)
         except _core.NumericalError as e:
-            names = ", ".join(self._name(gi, group, p) for p in params)
-            raise _core.NumericalError(f"{names}: {e}") from e
-        if move:
-            st["moves"] += 1
-        st["steps"] += 1
-        st["beta_product"] *= betas[-1]
+            raise _core.NumericalError(f"{self._names(gi, group, params)}: {e}") from e
+
+    def _device_step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor],
+                     st: dict[str, Any], lr: float, betas: tuple[float, ...], move: bool) -> None:
+        """The device engine's step: batched EMA updates of every stack of same-size blocks,
+        then f(G_b) v_b by a batched eigendecomposition. The updated estimates replace the
+        state's only once the step has succeeded (a failure leaves everything as it was)."""
+        cuda = self._cuda_for(params[0])
+        if cuda is None:  # a state moved to a device the module cannot reach
+            raise ValueError(f"{self._name(gi, group, params[0])}: its state is the device "
+                             f"engine's, which cannot run on {params[0].device}")
+        stacks: list[torch.Tensor] = st["estimates"]
+        dt = stacks[0].dtype
+        g = torch.cat([self._weighted(group, p, dt).view(-1) for p in params]) \
+            if len(params) > 1 else self._weighted(group, params[0], dt).view(-1)
+        counts = {k: st[k] for k in _DEVICE_COUNTERS}
+        with _on(params[0].device):
+            updated, views = [], []
+            offset = 0
+            for G in stacks:
+                n, b = G.shape[0], G.shape[1]
+                views.append(slice(offset, offset + n * b))
+                H = G.clone()
+                cuda.ema_update_batched(H, g[views[-1]].view(n, b), betas[-1])
+                updated.append(H)
+                offset += n * b
+            if move:
+                s = 1.0 - st["beta_product"] * betas[-1] \
+                    if (self._adam or group["bias_correction"]) else 1.0
+                if self._adam:
+                    m_new = st["exp_avg"] * betas[0] + g * (1.0 - betas[0])
+                    v = m_new / (1.0 - betas[0] ** (st["moves"] + 1))
+                else:
+                    v = g
+                parts = [self._device_direction(cuda, gi, group, params, H,
+                                                v[rows].view(H.shape[:2]), s, counts).view(-1)
+                         for H, rows in zip(updated, views)]
+                try:
+                    self._apply(params, torch.cat(parts) if len(parts) > 1 else parts[0], lr)
+                except _core.NumericalError as e:
+                    raise _core.NumericalError(f"{self._names(gi, group, params)}: {e}") from e
+                if self._adam:
+                    st["exp_avg"].copy_(m_new)
+                counts["refreshes"] += 1
+        st["estimates"] = updated
+        st.update(counts)
+
+    def _device_direction(self, cuda: Any, gi: int, group: dict[str, Any],
+                          params: list[torch.Tensor], G: torch.Tensor, V: torch.Tensor, s: float,
+                          counts: dict[str, int]) -> torch.Tensor:
+        """f(G_b / s) v_b for a stack: s^(1/2) f(G_b) with eps scaled, retried in float64
+        (one block at a time) and then with fallback_eps when the eigensolver fails."""
+        form = group["form"]
+        scale = s if form == "inv_sqrt" else math.sqrt(s)
+        eps = float(group["eps"]) * scale
+        try:
+            out = cuda.inv_root_apply(G, V, eps, 2, form)
+        except _core.NumericalError as first:
+            counts["failed_refreshes"] += 1
+            out = None
+            tries = [(eps, "float64_retries")]
+            if group["fallback_eps"] > 0:
+                tries.append((eps + float(group["fallback_eps"]) * scale, "eps_retries"))
+            for e, key in tries:
+                counts[key] += 1
+                try:
+                    out = cuda.inv_root_apply(G.double(), V.double(), e, 2, form,
+                                              method="divide_conquer").to(G.dtype)
+                    break
+                except _core.NumericalError:
+                    continue
+            if out is None:
+                raise _core.NumericalError(
+                    f"{self._names(gi, group, params)}: the eigendecomposition of a block of size {G.shape[-1]} failed "
+                    f"({first}), also in float64"
+                    + (" and with fallback_eps" if len(tries) > 1 else "")
+                    + "; nothing was changed") from first
+        return out * math.sqrt(s) if s != 1.0 else out
 
     @staticmethod
     def _apply(params: list[torch.Tensor], direction: torch.Tensor, lr: float) -> None:
@@ -580,7 +747,10 @@ class _Preconditioned(torch.optim.Optimizer):
         (lambda_max + eps) / (lambda_min + eps) per block (diag: over each tensor's entries),
         and the totals ``refreshes``, ``failed_refreshes``, ``float64_retries``,
         ``eps_retries``, ``kept_bases``; ``per_parameter`` has one dict per parameter with
-        a state (group, index, and its block lists)."""
+        a state (group, index, and its block lists). For the device engine the eigenvalues are
+        the current estimate's, computed by this call (one batched eigvalsh per stack), every
+        step that moves counts as a refresh of each block, and its failure counters count
+        calls over a stack."""
         lo, hi, cond = [], [], []
         totals = dict.fromkeys(("refreshes", "failed_refreshes", "float64_retries", "eps_retries",
                                 "kept_bases"), 0)
@@ -603,6 +773,17 @@ class _Preconditioned(torch.optim.Optimizer):
                                 "condition": list(s["condition"]),
                                 "refreshes": list(s["refreshes"]),
                                 "kept_bases": list(s["kept_bases"])})
+                elif "estimates" in st:
+                    a, b = self._device_spectrum(group, st)
+                    c = [(y + eps) / (x + eps) for x, y in zip(a, b)]
+                    lo += a
+                    hi += b
+                    cond += c
+                    for k in _DEVICE_COUNTERS:
+                        totals[k] += st[k] * (len(a) if k == "refreshes" else 1)
+                    per.append({"group": gi, "index": i, "lambda_min": a, "lambda_max": b,
+                                "condition": c, "refreshes": [st["refreshes"]] * len(a),
+                                "kept_bases": [0] * len(a)})
                 else:
                     v = st["exp_avg_sq"]
                     a, b = float(v.min()), float(v.max())
@@ -621,13 +802,29 @@ class _Preconditioned(torch.optim.Optimizer):
         out["per_parameter"] = per
         return out
 
+    def _device_spectrum(self, group: dict[str, Any],
+                         st: dict[str, Any]) -> tuple[list[float], list[float]]:
+        """Each block's smallest and largest eigenvalue of the device engine's current
+        estimate (bias-corrected where the step corrects it), computed now on the device."""
+        c = 1.0
+        if (self._adam or group["bias_correction"]) and st["beta_product"] < 1.0:
+            c = 1.0 / (1.0 - st["beta_product"])
+        lo: list[float] = []
+        hi: list[float] = []
+        for G in st["estimates"]:
+            ev = torch.linalg.eigvalsh(G.double()).clamp_(min=0.0) * c
+            lo += ev[:, 0].tolist()
+            hi += ev[:, -1].tolist()
+        return lo, hi
+
     def _inject_refresh_failures(self, param: torch.Tensor, block: int, attempts: int,
                                  stages: int = 3) -> None:
         """Test hook: the fallback policy's failure injection on one parameter's engine
         (see :meth:`saddlescape.BlockEngine._inject_refresh_failures`)."""
         st = self.state.get(param)
         if not st or "engine" not in st:
-            raise ValueError("that parameter has no block engine yet (take a step first)")
+            raise ValueError("that parameter has no host block engine (take a step first; the "
+                             "device engine has no failure injection)")
         st["engine"]._inject_refresh_failures(block, attempts, stages)
 
     # ---------------------------------------------------------------- state dict
@@ -639,8 +836,7 @@ class _Preconditioned(torch.optim.Optimizer):
         base = super().state_dict()
         out = {}
         for k, st in base["state"].items():
-            e = {key: (val.clone() if isinstance(val, torch.Tensor) else copy.deepcopy(val))
-                 for key, val in st.items() if key not in ("engine", "sig")}
+            e = {key: _cloned(val) for key, val in st.items() if key not in ("engine", "sig")}
             e["options"] = _plain_options(st["options"])
             if "engine" in st:
                 es = st["engine"].state_dict()
@@ -668,7 +864,7 @@ class _Preconditioned(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or state_dict.get("kind") != type(self).__name__:
             raise ValueError(f"not a saddlescape.torch.{type(self).__name__} state_dict (its "
                              f"kind is {state_dict.get('kind') if isinstance(state_dict, dict) else None!r})")
-        if state_dict.get("saddlescape") != _STATE_VERSION:
+        if state_dict.get("saddlescape") not in _LOADABLE_STATES:
             raise ValueError(f"unsupported state version {state_dict.get('saddlescape')!r}")
         saved = state_dict["param_groups"]
         if len(saved) != len(self.param_groups):
@@ -681,31 +877,34 @@ class _Preconditioned(torch.optim.Optimizer):
                 raise ValueError(f"param group {gi} has {len(mine['params'])} parameters, the "
                                  f"state's {len(theirs['params'])}")
             g = {k: v for k, v in theirs.items() if k != "params"}
+            g.setdefault("engine", "auto")  # version 1: before the option
             g["dtype"] = _dtype_from(g["dtype"])
             g["params"] = mine["params"]
             self._validate(g, f"the state's param group {gi}")
             groups.append(g)
             by_id.update(zip(theirs["params"], mine["params"]))
-        owner = {id(p): g for g in groups for p in g["params"]}
+        owner = {id(p): (gi, g) for gi, g in enumerate(groups) for p in g["params"]}
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         for k, st in state_dict["state"].items():
             if k not in by_id:
                 raise ValueError(f"the state names parameter {k!r}, which no param group has")
             p = by_id[k]
-            group = owner[id(p)]
-            new_state[p] = self._import(group, p, st, k)
+            new_state[p] = self._import(*owner[id(p)], p, st, k)
         self.state.clear()
         self.state.update(new_state)
         for mine, g in zip(self.param_groups, groups):
             mine.clear()
             mine.update(g)
 
-    def _import(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], k: Any) -> dict[str, Any]:
-        # The engines' companions (Adam's exp_avg) live on the host with the engine.
-        device = p.device if group["structure"] == "diag" else torch.device("cpu")
-        out = {key: (val.detach().clone().to(device) if isinstance(val, torch.Tensor) else
-                     copy.deepcopy(val)) for key, val in st.items() if key != "engine"}
+    def _import(self, gi: int, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any],
+                k: Any) -> dict[str, Any]:
+        # A host engine's companion (Adam's exp_avg) lives on the host with it; the device
+        # engine's state and diag's on the parameter's device.
+        on_device = group["structure"] == "diag" or "estimates" in st
+        device = p.device if on_device else torch.device("cpu")
+        out = {key: _cloned(val, device) for key, val in st.items() if key != "engine"}
         out["options"] = dict(out["options"])
+        out["options"].setdefault("engine", "auto")  # version 1: before the option
         out["options"]["dtype"] = _dtype_from(out["options"]["dtype"])
         out["sig"] = tuple(out["options"].get(k) for k in _BUILT)
         for key in _BUILT:
@@ -719,7 +918,13 @@ class _Preconditioned(torch.optim.Optimizer):
                 t = out.get(key)
                 if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.dtype != dt:
                     raise ValueError(f"parameter {k}'s {key} must be a {dt} tensor of {n} entries")
+        elif "estimates" in st:
+            self._import_device(gi, group, p, out, k, dt)
         else:
+            if group["engine"] == "device":
+                raise ValueError(f"parameter {k}'s state was saved by the host engine; its "
+                                 f"group asks for engine='device' (load it with 'auto' or "
+                                 f"'host')")
             es = dict(st["engine"])
             es["data"] = es["data"].numpy()
             es["scalars"] = es["scalars"].numpy()
@@ -730,6 +935,63 @@ class _Preconditioned(torch.optim.Optimizer):
             engine.load_state_dict(es)
             out["engine"] = engine
         return out
+
+    def _import_device(self, gi: int, group: dict[str, Any], p: torch.Tensor,
+                       out: dict[str, Any], k: Any, dt: torch.dtype) -> None:
+        """Checks a device engine's saved state against this optimizer's parameter."""
+        if group["engine"] == "host" or not self._device_engine(gi, group, p):
+            raise ValueError(f"parameter {k}'s state was saved by the device engine (estimates "
+                             f"on a GPU), which cannot continue here: its group's engine is "
+                             f"{group['engine']!r} and the parameter is on {p.device}"
+                             + ("" if self._cuda_for(p) is not None else
+                                " without a usable saddlescape.cuda"))
+        if group["structure"] == "full":
+            sizes = [sum(q.numel() for q in group["params"])]
+        else:
+            sizes = partition(p.numel(), group["block_size"])
+        want = [(n, b, b) for b, n in _runs(sizes)]
+        stacks = out["estimates"]
+        if (not isinstance(stacks, list) or [tuple(getattr(G, "shape", ())) for G in stacks] != want
+                or any(not isinstance(G, torch.Tensor) or G.dtype != dt for G in stacks)):
+            raise ValueError(f"parameter {k}'s estimates must be {dt} tensors of shapes {want}")
+        if not all(bool(torch.isfinite(G).all()) and torch.equal(G, G.mT) for G in stacks):
+            raise ValueError(f"parameter {k}'s estimates must be finite and symmetric")
+        for key in _DEVICE_COUNTERS:
+            if not isinstance(out.get(key), int) or out[key] < 0:
+                raise ValueError(f"parameter {k}'s {key} must be an integer >= 0")
+        if self._adam:
+            m = out.get("exp_avg")
+            if not isinstance(m, torch.Tensor) or m.shape != (sum(sizes),) or m.dtype != dt:
+                raise ValueError(f"parameter {k}'s exp_avg must be a {dt} tensor of "
+                                 f"{sum(sizes)} entries")
+
+
+def _runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """(block size, count) of each run of equal consecutive sizes: the device engine's stacks
+    (a partition has at most two, the full blocks and the rest)."""
+    runs: list[tuple[int, int]] = []
+    for b in sizes:
+        if runs and runs[-1][0] == b:
+            runs[-1] = (b, runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+def _on(device: torch.device) -> Any:
+    """Makes a CUDA parameter's device current (saddlescape.cuda works on the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _cloned(val: Any, device: torch.device | None = None) -> Any:
+    """A copy of a state entry (tensors, lists of tensors, plain values), tensors moved to
+    ``device`` when given."""
+    if isinstance(val, torch.Tensor):
+        val = val.detach().clone()
+        return val if device is None else val.to(device)
+    if isinstance(val, list):
+        return [_cloned(v, device) for v in val]
+    return copy.deepcopy(val)
 
 
 def _dtype_name(dt: Any) -> Any:
@@ -771,6 +1033,8 @@ class RMSProp(_Preconditioned):
         dtype: the estimates' dtype (None: each parameter's).
         tol: the block engine's relative accuracy (None: 1e-10 float64, 1e-6 float32).
         max_consecutive_failures, fallback_eps: the block engine's fallback policy.
+        engine: where "block" and "full" compute: "auto", "host" or "device" (see the module
+            docstring).
 
     Raises:
         ValueError: a bad option (named, with its group); TypeError: a parameter that is not a
@@ -783,13 +1047,13 @@ class RMSProp(_Preconditioned):
                  refresh_every: int = 16, solver: str = "lowrank", bias_correction: bool = False,
                  weight_decay: float = 0.0, dtype: torch.dtype | None = None,
                  tol: float | None = None, max_consecutive_failures: int = 3,
-                 fallback_eps: float = 0.0) -> None:
+                 fallback_eps: float = 0.0, engine: str = "auto") -> None:
         defaults = dict(lr=lr, beta=beta, eps=eps, C=C, structure=structure, form=form,
                         block_size=block_size, burn_in=burn_in, refresh_every=refresh_every,
                         solver=solver, bias_correction=bias_correction,
                         weight_decay=weight_decay, dtype=dtype, tol=tol,
                         max_consecutive_failures=max_consecutive_failures,
-                        fallback_eps=fallback_eps)
+                        fallback_eps=fallback_eps, engine=engine)
         super().__init__(params, defaults)
 
 
@@ -812,12 +1076,12 @@ class Adam(_Preconditioned):
                  block_size: int = 256, refresh_every: int = 16, solver: str = "lowrank",
                  weight_decay: float = 0.0, dtype: torch.dtype | None = None,
                  tol: float | None = None, max_consecutive_failures: int = 3,
-                 fallback_eps: float = 0.0) -> None:
+                 fallback_eps: float = 0.0, engine: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, C=C, structure=structure, form=form,
                         block_size=block_size, refresh_every=refresh_every, solver=solver,
                         bias_correction=True, weight_decay=weight_decay, dtype=dtype, tol=tol,
                         max_consecutive_failures=max_consecutive_failures,
-                        fallback_eps=fallback_eps)
+                        fallback_eps=fallback_eps, engine=engine)
         super().__init__(params, defaults)
 
 
