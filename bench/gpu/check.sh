@@ -3,7 +3,8 @@
 # the nvidia-cublas/nvidia-cusolver wheels, torch, cupy, cmake, ninja, pybind11 and
 # scikit-build-core installed (the H200 image has all of them):
 #   1. builds and installs the package with the CUDA backend (SADDLESCAPE_ENABLE_CUDA=ON),
-#   2. runs tests/gpu (and, with CPP_SMOKE=1, the C++ smoke test),
+#   2. runs tests/gpu and the CUDA tests of saddlescape.torch in tests/python (and, with
+#      CPP_SMOKE=1, the C++ smoke test),
 #   3. trains the MLP with saddlescape.torch on the GPU against the CPU (bench/gpu/torch_check.py),
 #      and with ShardedRMSProp on NCCL, one process per GPU (bench/gpu/dist_check.py),
 #   4. times batched inverse roots, the diagonal step and the many-seed runner
@@ -65,6 +66,14 @@ stamp "tests/gpu"
 timeout 240 "$python" -m pytest -q -rf --maxfail=50 tests/gpu -p no:cacheprovider \
   -W default::DeprecationWarning -W default::FutureWarning -W default::UserWarning \
   2>&1 | tee "$out/tests.log" | grep -v "^SKIPPED" | tail -40
+
+stamp "saddlescape.torch's CUDA tests (tests/python, -k cuda)"
+# The optimizers on CUDA parameters: the device engine against the CPU's host engine and a
+# float64 reference, the host engine staged through host memory, the fused diagonal step.
+timeout 180 "$python" -m pytest -q -rf tests/python/test_torch_optim.py \
+  tests/python/test_torch_device_engine.py -k cuda -p no:cacheprovider \
+  -W default::DeprecationWarning -W default::FutureWarning -W default::UserWarning \
+  2>&1 | tee "$out/torch_tests.log" | grep -v "^SKIPPED" | tail -20
 
 stamp "saddlescape.torch on the GPU against the CPU"
 # The diagonal optimizers train the MLP on CUDA tensors and on CPU tensors from one start.

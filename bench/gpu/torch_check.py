@@ -1,7 +1,9 @@
 """saddlescape.torch on the GPU against the CPU: the 64-256-256-10 MLP trained for 100 steps with
-the diagonal rule (both forms, and Adam; on the device) and the block rule (both forms; the host's
-block engine, staged through host memory) on CUDA tensors and on CPU tensors from the same start
-and the same batches (data made here, no download). Prints the largest relative difference of
+the diagonal rule (both forms, and Adam; on the device, RMSProp through
+saddlescape.cuda.rmsprop_diag_step) and the block rule (both forms, RMSProp and Adam; the device
+engine of saddlescape.cuda's batched routines, and the host's block engine staged through host
+memory) on CUDA tensors and on CPU tensors from the same start and the same batches (data made
+here, no download). Prints the largest relative difference of
 the parameters and the final losses; exits 1 where they differ by more than float32 rounding
 over the run can explain (1e-3 relative) or a loss is not finite.
 
@@ -59,11 +61,17 @@ def main() -> int:
         "RMSProp diag inv_sqrt": lambda p: st.RMSProp(p, lr=1e-3, structure="diag"),
         "RMSProp diag adam": lambda p: st.RMSProp(p, lr=1e-3, structure="diag", form="adam"),
         "Adam diag": lambda p: st.Adam(p, lr=1e-3, structure="diag"),
-        "RMSProp block inv_sqrt": lambda p: st.RMSProp(p, lr=1e-3, structure="block",
-                                                       eps=1e-4),
-        # inv_sqrt: the adam form refactors every singular block at every step (slow).
-        "Adam block inv_sqrt": lambda p: st.Adam(p, lr=1e-3, structure="block", eps=1e-4,
-                                                 form="inv_sqrt"),
+        # engine "auto": the device engine on CUDA parameters (saddlescape.cuda's batched EMA
+        # update and inverse root), the host engine on the CPU; "host": the host engine on both.
+        "RMSProp block inv_sqrt (auto)": lambda p: st.RMSProp(p, lr=1e-3, structure="block",
+                                                              eps=1e-4),
+        "RMSProp block inv_sqrt (host)": lambda p: st.RMSProp(p, lr=1e-3, structure="block",
+                                                              eps=1e-4, engine="host"),
+        "RMSProp block adam (auto)": lambda p: st.RMSProp(p, lr=1e-3, structure="block",
+                                                          eps=1e-4, form="adam"),
+        "Adam block (auto)": lambda p: st.Adam(p, lr=1e-3, structure="block", eps=1e-4),
+        "Adam block inv_sqrt (auto)": lambda p: st.Adam(p, lr=1e-3, structure="block",
+                                                        eps=1e-4, form="inv_sqrt"),
     }
     ok = True
     print(f"| route | loss {a.device} | loss cpu | max rel diff of parameters | "
