@@ -376,9 +376,10 @@ bool range_refresh(const T* V, const double* lambda, const T* S, index_t n, cons
   fit(w.work, 1 + 6 * m + 2 * m * m);
   if (w.iwork.size() < static_cast<std::size_t>(3 + 5 * m))
     w.iwork.resize(static_cast<std::size_t>(3 + 5 * m));
+  // The sizes for this m, not the buffers' (see detail::lapack::syevd_lwork).
   const int info = detail::lapack::syevd('V', mi, M, w.lam.data(), w.work.data(),
-                                         static_cast<int>(w.work.size()), w.iwork.data(),
-                                         static_cast<int>(w.iwork.size()));
+                                         detail::lapack::syevd_lwork(mi), w.iwork.data(),
+                                         detail::lapack::syevd_liwork(mi));
   if (info != 0) return false;
   for (index_t j = 0; j < m; ++j)
     if (!std::isfinite(w.lam[j])) return false;
@@ -635,8 +636,8 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
           fit(sc.iwork, 3 + 5 * nn);
           std::vector<T> lam(nn);
           info = detail::lapack::syevd('V', ni, jb.V.data(), lam.data(), sc.work.data(),
-                                       static_cast<int>(sc.work.size()), sc.iwork.data(),
-                                       static_cast<int>(sc.iwork.size()));
+                                       detail::lapack::syevd_lwork(ni), sc.iwork.data(),
+                                       detail::lapack::syevd_liwork(ni));
           for (index_t j = 0; j < n; ++j) jb.lambda[j] = lam[j];
         }
         ok = info == 0 && finite_lambda();

@@ -188,6 +188,14 @@ inline void gemv(char trans, int m, int n, float alpha, const float* a, int lda,
   SADDLESCAPE_FORTRAN(sgemv)(&trans, &m, &n, &alpha, a, &lda, x, &one, &beta, y, &one, 1);
 }
 
+/// syevd's documented minimum workspace for jobz = 'V' (1 + 6n + 2n^2 and 3 + 5n entries).
+/// Callers pass these, never the size of a reused buffer: the tridiagonal reduction picks its
+/// block size from lwork, so a buffer grown by an earlier, larger call would change the
+/// rounding, making a result depend on what the thread computed before (which block engine
+/// thread took which block, or whether a state was just loaded into fresh buffers).
+inline int syevd_lwork(int n) { return 1 + 6 * n + 2 * n * n; }
+inline int syevd_liwork(int n) { return 3 + 5 * n; }
+
 /// Eigendecomposition in double of scale S + shift I, S an n x n column-major matrix of any
 /// floating type read from its lower triangle: the float64 retry of a failed float32
 /// factorisation. M gets the eigenvectors (column-major, leading dimension n), lambda the n
@@ -205,8 +213,8 @@ int syevd_in_double(const T* S, int n, double scale, double shift, std::vector<d
     for (int i = j; i < n; ++i) M[i + j * n] = scale * double(S[i + j * n]);
     M[j + j * n] += shift;
   }
-  return syevd('V', n, M.data(), lambda, work.data(), static_cast<int>(work.size()),
-               iwork.data(), static_cast<int>(iwork.size()));
+  return syevd('V', n, M.data(), lambda, work.data(), syevd_lwork(n), iwork.data(),
+               syevd_liwork(n));
 }
 
 /// OpenBLAS single-threaded for the scope's lifetime: inside the library's own worker threads
