@@ -60,9 +60,10 @@ def test_block_equals_the_exact_numpy_level_optimizer(form, block_size):
     want = _reference(saddlescape.RMSProp(x0.size, 0.01, 0.9, EPS, structure="block", form=form,
                                           block_sizes=_sizes(SHAPES, block_size)), x0, gs)
     _assert_close(got, want, RTOL)
+    # per stack and step: one batched inverse root of an updated copy, the update committed
     calls = opt._device_module.calls
     stacks = sum(len({b for b in partition(p.numel(), block_size)}) for p in params)
-    assert calls["ema_update_batched"] == calls["inv_root_apply:auto"] == 20 * stacks
+    assert calls["ema_update_batched"] == 2 * calls["inv_root_apply:auto"] == 2 * 20 * stacks
     assert all(st["estimates"][0].device == p.device for p, st in opt.state.items())
 
 
@@ -123,6 +124,55 @@ def test_device_engine_equals_the_host_engine(name, make):
     _assert_close(_flat(b), _flat(a), RTOL)
     assert all("estimates" in st for st in ob.state.values())
     assert all("engine" in st for st in oa.state.values())
+
+
+def test_chunked_stacks_give_the_same_bits(monkeypatch):
+    # A stack larger than the chunk is stepped in several batched calls (bounded extra memory):
+    # the same bits as one call, since the blocks are independent.
+    gs = _gradients(1, 26, 6, seed=43, rank=4, decades=1)
+
+    def run(chunk_blocks):
+        import saddlescape.torch.optim as optim
+
+        monkeypatch.setattr(optim, "_CHUNK_BYTES", chunk_blocks * 3 * 3 * 8)
+        params = _params()
+        opt = _on_fake(RMSProp(params, lr=0.02, eps=EPS, structure="block", block_size=3,
+                               engine="device"))
+        return _run(opt, params, gs), opt._device_module.calls["inv_root_apply:auto"]
+
+    (one, n1), (many, n2) = run(1 << 20), run(2)
+    np.testing.assert_array_equal(many, one)
+    assert n2 > n1  # (4, 3) has 4 blocks of 3: two calls of 2 instead of one
+
+
+def test_saddle_escape_on_the_device_engine_equals_the_host_engine():
+    # Algorithm 4 with hallucinated samples: estimate-only steps between the large ones.
+    from saddlescape.torch import SaddleEscape
+
+    gen = torch.Generator().manual_seed(44)
+    A = torch.randn(26, 26, generator=gen, dtype=torch.float64) / 5
+
+    def train(engine):
+        params = _params()
+        base = RMSProp(params, lr=0.02, eps=EPS, structure="block", block_size=6, engine=engine)
+        opt = SaddleEscape(_on_fake(base) if engine == "device" else base, r=0.1, t_thresh=3,
+                           hallucinate=2)
+
+        def closure():
+            opt.zero_grad()
+            x = torch.cat([p.reshape(-1) for p in params])
+            loss = 0.5 * x @ (A @ x) - x.sum()
+            loss.backward()
+            return loss
+
+        for _ in range(8):
+            opt.step(closure)
+        return _flat(params), base
+
+    (a, _), (b, dev) = train("host"), train("device")
+    _assert_close(b, a, RTOL)
+    # 8 steps, 3 of them large with 2 samples each: 14 updates, 8 of them with a step
+    assert all(st["steps"] == 14 and st["moves"] == 8 for st in dev.state.values())
 
 
 def test_float32_follows_the_float64_reference():

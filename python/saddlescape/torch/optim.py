@@ -44,11 +44,13 @@ Devices. ``engine`` chooses where a "block" or "full" step computes:
   no ``refresh_every`` period, no low-rank updates; the exact step, as
   ``saddlescape.RMSProp(structure="block", solver="eigh")``, to rounding). The bias correction
   enters as a scaled eps, f(G / s) = s^(1/2) f_(eps') (G) with eps' = s eps (inv_sqrt) or
-  s^(1/2) eps (adam). A block whose eigendecomposition fails is retried once in float64 by the
-  one-block-at-a-time divide-and-conquer route, then (``fallback_eps > 0``) with eps +
-  fallback_eps; if that fails too the step raises NumericalError with nothing changed. Needs
-  CUDA parameters and a usable :mod:`saddlescape.cuda` (else CUDAUnavailableError, with its
-  reason, at the first step).
+  s^(1/2) eps (adam). The directions come from updated copies of at most 256 MiB of blocks
+  at a time (the step's extra device memory), and the estimates are updated in place only
+  once every direction is known and finite. A stack whose eigendecomposition fails is retried
+  once in float64 by the one-block-at-a-time divide-and-conquer route, then
+  (``fallback_eps > 0``) with eps + fallback_eps; if that fails too the step raises
+  NumericalError with nothing changed. Needs CUDA parameters and a usable
+  :mod:`saddlescape.cuda` (else CUDAUnavailableError, with its reason, at the first step).
 * ``"auto"`` (default): "device" for CUDA parameters when :func:`saddlescape.cuda.is_available`,
   "host" otherwise. A loaded state keeps the engine it was saved with.
 
@@ -110,6 +112,9 @@ _BELOW_ONE = math.nextafter(1.0, 0.0)
 _NATIVE_DIAG = getattr(_core, "diag_rmsprop_step", None)
 # The device engine's per-parameter counters (statistics(); saved with the state).
 _DEVICE_COUNTERS = ("refreshes", "failed_refreshes", "float64_retries", "eps_retries")
+# The device engine's updated copies of estimates, per batched call: bounds the extra device
+# memory of a step (a block larger than this is one call of its own).
+_CHUNK_BYTES = 1 << 28
 
 
 def _beta_value(name: str, beta: Any, C: float, lr: float) -> float:
@@ -636,9 +641,11 @@ class _Preconditioned(torch.optim.Optimizer):
 
     def _device_step(self, gi: int, group: dict[str, Any], params: list[torch.Tensor],
                      st: dict[str, Any], lr: float, betas: tuple[float, ...], move: bool) -> None:
-        """The device engine's step: batched EMA updates of every stack of same-size blocks,
-        then f(G_b) v_b by a batched eigendecomposition. The updated estimates replace the
-        state's only once the step has succeeded (a failure leaves everything as it was)."""
+        """The device engine's step: f(G_b) v_b by batched eigendecompositions of the updated
+        estimates, then the estimates updated in place and the step taken. The directions come
+        from updated copies of at most _CHUNK_BYTES of blocks at a time, so that a failure
+        leaves everything as it was without a second copy of every estimate; the batched EMA
+        update is deterministic, so the committed estimates are those copies bit for bit."""
         cuda = self._cuda_for(params[0])
         if cuda is None:  # a state moved to a device the module cannot reach
             raise ValueError(f"{self._name(gi, group, params[0])}: its state is the device "
@@ -647,36 +654,46 @@ class _Preconditioned(torch.optim.Optimizer):
         dt = stacks[0].dtype
         g = torch.cat([self._weighted(group, p, dt).view(-1) for p in params]) \
             if len(params) > 1 else self._weighted(group, params[0], dt).view(-1)
-        counts = {k: st[k] for k in _DEVICE_COUNTERS}
+        rows, offset = [], 0
+        for G in stacks:
+            n, b = G.shape[0], G.shape[1]
+            rows.append(slice(offset, offset + n * b))
+            offset += n * b
+        beta = betas[-1]
         with _on(params[0].device):
-            updated, views = [], []
-            offset = 0
-            for G in stacks:
+            if not move:  # burn-in or a hallucinated sample: the update alone
+                for G, r in zip(stacks, rows):
+                    cuda.ema_update_batched(G, g[r].view(G.shape[:2]), beta)
+                return
+            s = 1.0 - st["beta_product"] * beta if (self._adam or group["bias_correction"]) \
+                else 1.0
+            if self._adam:
+                m_new = st["exp_avg"] * betas[0] + g * (1.0 - betas[0])
+                v = m_new / (1.0 - betas[0] ** (st["moves"] + 1))
+            else:
+                v = g
+            counts = {k: st[k] for k in _DEVICE_COUNTERS}
+            parts = []
+            for G, r in zip(stacks, rows):
                 n, b = G.shape[0], G.shape[1]
-                views.append(slice(offset, offset + n * b))
-                H = G.clone()
-                cuda.ema_update_batched(H, g[views[-1]].view(n, b), betas[-1])
-                updated.append(H)
-                offset += n * b
-            if move:
-                s = 1.0 - st["beta_product"] * betas[-1] \
-                    if (self._adam or group["bias_correction"]) else 1.0
-                if self._adam:
-                    m_new = st["exp_avg"] * betas[0] + g * (1.0 - betas[0])
-                    v = m_new / (1.0 - betas[0] ** (st["moves"] + 1))
-                else:
-                    v = g
-                parts = [self._device_direction(cuda, gi, group, params, H,
-                                                v[rows].view(H.shape[:2]), s, counts).view(-1)
-                         for H, rows in zip(updated, views)]
-                try:
-                    self._apply(params, torch.cat(parts) if len(parts) > 1 else parts[0], lr)
-                except _core.NumericalError as e:
-                    raise _core.NumericalError(f"{self._names(gi, group, params)}: {e}") from e
-                if self._adam:
-                    st["exp_avg"].copy_(m_new)
-                counts["refreshes"] += 1
-        st["estimates"] = updated
+                gs, vs = g[r].view(n, b), v[r].view(n, b)
+                per = max(1, _CHUNK_BYTES // (b * b * G.element_size()))
+                for i in range(0, n, per):
+                    H = G[i:i + per].clone()
+                    cuda.ema_update_batched(H, gs[i:i + per], beta)
+                    parts.append(self._device_direction(cuda, gi, group, params, H,
+                                                        vs[i:i + per], s, counts).view(-1))
+            d = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if not bool(torch.isfinite(d).all()):
+                raise _core.NumericalError(f"{self._names(gi, group, params)}: the "
+                                           f"preconditioned direction is not finite; nothing "
+                                           f"was changed")
+            for G, r in zip(stacks, rows):
+                cuda.ema_update_batched(G, g[r].view(G.shape[:2]), beta)
+            self._apply(params, d, lr, checked=True)
+            if self._adam:
+                st["exp_avg"].copy_(m_new)
+        counts["refreshes"] += 1
         st.update(counts)
 
     def _device_direction(self, cuda: Any, gi: int, group: dict[str, Any],
@@ -712,8 +729,9 @@ class _Preconditioned(torch.optim.Optimizer):
         return out * math.sqrt(s) if s != 1.0 else out
 
     @staticmethod
-    def _apply(params: list[torch.Tensor], direction: torch.Tensor, lr: float) -> None:
-        if not bool(torch.isfinite(direction).all()):
+    def _apply(params: list[torch.Tensor], direction: torch.Tensor, lr: float,
+               checked: bool = False) -> None:
+        if not checked and not bool(torch.isfinite(direction).all()):
             raise _core.NumericalError("the preconditioned direction is not finite; the "
                                        "parameters are unchanged")
         direction = direction.to(device=params[0].device)  # one transfer for a host engine
