@@ -193,7 +193,12 @@ inline void gemv(char trans, int m, int n, float alpha, const float* a, int lda,
 /// block size from lwork, so a buffer grown by an earlier, larger call would change the
 /// rounding, making a result depend on what the thread computed before (which block engine
 /// thread took which block, or whether a state was just loaded into fresh buffers).
-inline int syevd_lwork(int n) { return 1 + 6 * n + 2 * n * n; }
+/// Counted in 64 bits: n above 32766 (beyond the callers' limits) gets INT_MAX, which LAPACK
+/// refuses as too small (info < 0), instead of a wrapped-around count.
+inline int syevd_lwork(int n) {
+  const long long w = 1 + 6LL * n + 2LL * n * n;
+  return w > INT_MAX ? INT_MAX : static_cast<int>(w);
+}
 inline int syevd_liwork(int n) { return 3 + 5 * n; }
 
 /// Eigendecomposition in double of scale S + shift I, S an n x n column-major matrix of any
