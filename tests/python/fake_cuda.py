@@ -8,7 +8,8 @@ share one float dtype and are C-contiguous; G is (n, d, d), its gradients (n, d)
 V (n, d) or (n, d, k); in-place arguments are written, others never; inv_root_apply returns a
 new tensor of V's shape and dtype; scalars are Python numbers in range. Arithmetic follows the
 CPU library, which the real module matches to rounding: the EMA summed in float64 and rounded
-once, subnormals flushed; f(G_b) V_b from :func:`saddlescape.inv_sqrt_apply` on each block in
+once, subnormals flushed, a non-finite gradient a ValueError and one whose square overflows a
+NumericalError, before anything is written; the diagonal step's v <- beta v + (1 - beta) (g g); f(G_b) V_b from :func:`saddlescape.inv_sqrt_apply` on each block in
 the input's dtype.
 
 ``fail_next = k`` makes the next k calls of inv_root_apply raise NumericalError (before they
@@ -43,6 +44,15 @@ def _scalar(name: str, x: Any, lo: float, hi: float | None = None) -> float:
     return float(x)
 
 
+def _checked(g: torch.Tensor) -> None:
+    """The real module's checks of a gradient, before anything is written."""
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("gs has a non-finite entry")
+    top = float(g.abs().max()) if g.numel() else 0.0
+    if not top * top <= torch.finfo(g.dtype).max:
+        raise saddlescape.NumericalError(f"g^2 = {top}^2 overflows {g.dtype}")
+
+
 class FakeCuda:
     def __init__(self) -> None:
         self.calls: collections.Counter[str] = collections.Counter()
@@ -58,6 +68,7 @@ class FakeCuda:
         assert G.data_ptr() != gs.data_ptr()
         beta = _scalar("betas", betas, 0.0, 1.0)
         self.calls["ema_update_batched"] += 1
+        _checked(gs)
         g = gs.double().reshape(n, -1, d)
         acc = G.double()
         for i in range(g.shape[1]):
@@ -97,9 +108,9 @@ class FakeCuda:
         e = _scalar("eps", eps, 0.0)
         assert e > 0 and form in ("inv_sqrt", "adam") and isinstance(check, bool)
         self.calls["rmsprop_diag_step"] += 1
-        if check and not bool(torch.isfinite(g).all()):
-            raise ValueError("g has a non-finite entry")
-        v.mul_(b).addcmul_(g, g, value=1.0 - b)
+        if check:
+            _checked(g)
+        v.mul_(b).add_((g * g).mul_(1.0 - b))  # the kernel's a (g g): g^2 may overflow
         v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
         den = (v + e).sqrt_() if form == "inv_sqrt" else v.sqrt().add_(e)
         x.addcdiv_(g, den, value=-lr_)

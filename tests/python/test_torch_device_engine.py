@@ -199,11 +199,14 @@ def test_float64_estimates_of_float32_parameters():
     assert all(p.dtype == torch.float32 for p in params)
 
 
-def test_state_dict_resumes_bit_for_bit_and_keeps_its_engine():
-    gs = _gradients(1, 26, 12, seed=35, rank=4)
+def test_state_dict_resumes_bit_for_bit_and_converts_between_engines():
+    gs = _gradients(1, 26, 12, seed=35, rank=4, decades=1)
 
     def make(p, engine="auto"):
-        return Adam(p, lr=0.02, structure="block", block_size=5, engine=engine)
+        return Adam(p, lr=0.02, eps=EPS, structure="block", block_size=5, engine=engine)
+
+    def continued(opt, params):
+        return _run(opt, params, gs[6:])
 
     a = _params()
     oa = _on_fake(make(a))  # "auto" where the device module can run: the device engine
@@ -211,29 +214,43 @@ def test_state_dict_resumes_bit_for_bit_and_keeps_its_engine():
     buf = io.BytesIO()
     torch.save(oa.state_dict(), buf)
     saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    ob = _on_fake(make(b))
+    assert all(G.device.type == "cpu" for st in saved["state"].values()
+               for G in st["estimates"])
+    copies = [[torch.nn.Parameter(p.detach().clone()) for p in a] for _ in range(2)]
+    ob = _on_fake(make(copies[0]))
     ob.load_state_dict(saved)
     assert all("estimates" in st for st in ob.state.values())
-    np.testing.assert_array_equal(_run(ob, b, gs[6:]), _run(oa, a, gs[6:]))
+    # Where the device engine cannot run ("auto" without a GPU), the estimates become host
+    # engines refreshed at them: the same estimates, and the same steps to rounding.
+    oc = make(copies[1])
+    oc.load_state_dict(saved)
+    assert all("engine" in st for st in oc.state.values())
+    for p, st in oc.state.items():
+        i = next(i for i, q in enumerate(copies[1]) if q is p)
+        want = [Gb.numpy() for G in saved["state"][i]["estimates"] for Gb in G]
+        c = 1.0 - saved["state"][i]["beta_product"]  # estimate() is bias-corrected
+        for got, ref in zip(st["engine"].estimate(), want, strict=True):
+            np.testing.assert_allclose(got * c, ref, rtol=1e-12, atol=1e-15 * np.abs(ref).max())
+    want = continued(oa, a)
+    np.testing.assert_array_equal(continued(ob, copies[0]), want)
+    _assert_close(continued(oc, copies[1]), want, RTOL)
 
-    # Where the device engine cannot run, loading its state is refused with nothing changed.
-    for engine, match in (("auto", "saved by the device engine .* cannot continue here: its "
-                                   "group's engine is 'auto' and the parameter is on cpu "
-                                   "without a usable saddlescape.cuda"),
-                          ("device", "engine='device' needs CUDA parameters")):
-        src = _on_fake(make(_params(), engine))
-        _run(src, src.param_groups[0]["params"], gs[:2])
-        opt = make(_params())
-        with pytest.raises(ValueError, match=match):
-            opt.load_state_dict(src.state_dict())
-        assert not opt.state and opt.param_groups[0]["engine"] == "auto"
-    # A host engine's state stays a host engine's under "auto", also where the device could run.
-    host = make(_params())
-    _run(host, host.param_groups[0]["params"], gs[:2])
-    c = _on_fake(make(_params()))
-    c.load_state_dict(host.state_dict())
-    assert all("engine" in st for st in c.state.values())
+    # And back: a host engine's state (estimate with a pending gradient history) on the
+    # device engine.
+    h = _params()
+    oh = make(h)
+    _run(oh, h, gs[:6])
+    d = [torch.nn.Parameter(p.detach().clone()) for p in h]
+    od = _on_fake(make(d))
+    od.load_state_dict(oh.state_dict())
+    assert all("estimates" in st for st in od.state.values())
+    _assert_close(continued(od, d), continued(oh, h), RTOL)
+
+    # engine="device" where it cannot run is refused with nothing changed; so are bad states.
+    opt = make(_params(), "device")
+    with pytest.raises(ValueError, match="engine='device' needs CUDA parameters"):
+        opt.load_state_dict(saved)
+    assert not opt.state and opt.param_groups[0]["engine"] == "device"
     bad = oa.state_dict()
     bad["state"][0]["estimates"][0][0, 0, 1] += 1.0
     with pytest.raises(ValueError, match="finite and symmetric"):
@@ -243,6 +260,55 @@ def test_state_dict_resumes_bit_for_bit_and_keeps_its_engine():
     with pytest.raises(ValueError, match=r"parameter 1's estimates must be torch.float64 tensors "
                                          r"of shapes \[\(1, 3, 3\)\]"):
         _on_fake(make(_params())).load_state_dict(bad)
+
+
+def test_gradients_that_require_grad_and_weight_decay_checks():
+    # backward(create_graph=True) leaves gradients that require grad: the device module must
+    # get them detached (a CUDA array interface refuses them).
+    params = _params()
+    opt = _on_fake(RMSProp(params, lr=0.01, eps=EPS, structure="block", block_size=5,
+                           engine="device"))
+    x = torch.cat([p.reshape(-1) for p in params])
+    for p, g in zip(params, torch.autograd.grad((x ** 3).sum(), params, create_graph=True)):
+        p.grad = g
+    assert params[0].grad.requires_grad
+    opt.step()
+    diag = _on_fake(RMSProp(params, lr=0.01, structure="diag"))
+    diag.step()
+    assert diag._device_module.calls["rmsprop_diag_step"] == len(params)
+    # With weight decay, g + wd p is what must be finite, for every parameter, before the
+    # first one steps.
+    params = _params()
+    opt = _on_fake(RMSProp(params, lr=0.01, structure="diag", weight_decay=10.0))
+    _set_grads(params, _gradients(1, 26, 1)[0])
+    params[3].data[0, 0] = 1e308  # its gradient is fine; 10 p is not
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="parameter 3 .* plus weight decay 10.0 has a non-finite"):
+        opt.step()
+    assert not opt.state and all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("structure", ["diag", "block"])
+def test_gradients_whose_square_overflows_on_the_device_are_refused_first(structure):
+    # The device kernels square g before weighting it by 1 - beta, so a float32 gradient of
+    # 2e19 (g^2 = 4e38 > 3.4e38) is refused there, by name and before anything changes,
+    # although (1 - beta) g^2 would fit.
+    params = _params(dtype=torch.float32)
+    opt = _on_fake(RMSProp(params, beta=0.999, structure=structure, block_size=5))
+    _set_grads(params, _gradients(1, 26, 1)[0])
+    params[2].grad.fill_(2e19)
+    with pytest.raises(ValueError, match="parameter 2 .* whose square overflows"):
+        opt.step()
+    assert not opt.state
+    if structure == "diag":
+        RMSProp(params, beta=0.999, structure="diag").step()  # the host's arithmetic: it fits
+
+
+def test_engine_does_not_concern_diag():
+    params = _params()
+    opt = RMSProp(params, structure="diag", engine="device")  # CPU parameters, no GPU: fine
+    _run(opt, params, _gradients(1, 26, 2))
+    assert all("exp_avg_sq" in st for st in opt.state.values())
 
 
 def test_a_failed_eigendecomposition_is_retried_then_refused_with_nothing_changed():

@@ -52,7 +52,8 @@ Devices. ``engine`` chooses where a "block" or "full" step computes:
   NumericalError with nothing changed. Needs CUDA parameters and a usable
   :mod:`saddlescape.cuda` (else CUDAUnavailableError, with its reason, at the first step).
 * ``"auto"`` (default): "device" for CUDA parameters when :func:`saddlescape.cuda.is_available`,
-  "host" otherwise. A loaded state keeps the engine it was saved with.
+  "host" otherwise. The engine is where the optimizer computes, not part of its state: a state
+  saved by one engine loads into the other (converted; see :meth:`RMSProp.load_state_dict`).
 
 "diag" runs on the parameters' device: on CPU the fused C++ pass, on CUDA
 :func:`saddlescape.cuda.rmsprop_diag_step` where it applies (RMSProp without bias correction,
@@ -292,7 +293,8 @@ class _Preconditioned(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and st["sig"] != sig:
                     self._check_built(gi, group, st)
-                if not st and (group["structure"] == "block" or p is params[0]):
+                if not st and group["structure"] != "diag" and (
+                        group["structure"] == "block" or p is params[0]):
                     self._device_engine(gi, group, p)  # refuses an unusable engine="device" now
             if group["structure"] == "full" and len(params) != len(group["params"]):
                 missing = next(i for i, p in enumerate(group["params"]) if p.grad is None)
@@ -306,9 +308,15 @@ class _Preconditioned(torch.optim.Optimizer):
         for n, (gi, group, params, rate, betas, native) in enumerate(work):
             if n == 0 and native:
                 continue
+            wd = group["weight_decay"]
             for p in params:
-                _grad_check(self._name(gi, group, p), p.grad, 1.0 - betas[-1],
-                            self._estimate_dtype(group, p))
+                # What the step will read: with weight decay g + wd p (non-finite or too large
+                # for a parameter after the first would otherwise fail halfway through). The
+                # GPU kernels square g before weighting it, so there the bound is g^2 itself.
+                g = p.grad.detach().add(p.detach(), alpha=wd) if wd else p.grad
+                a = 1.0 if self._cuda_for(p) is not None else 1.0 - betas[-1]
+                name = self._name(gi, group, p) + (f" plus weight decay {wd!r}" if wd else "")
+                _grad_check(name, g, a, self._estimate_dtype(group, p))
         for gi, group, params, rate, betas, native in work:
             if group["structure"] == "diag":
                 self._diag(gi, group, params, rate, betas, observe, native)
@@ -381,9 +389,9 @@ class _Preconditioned(torch.optim.Optimizer):
     def _weighted(self, group: dict[str, Any], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The gradient with weight decay, in the estimate's dtype (p.grad itself when no
         change is needed: no copy)."""
-        g = p.grad
+        g = p.grad.detach()  # backward(create_graph=True) leaves a grad that requires grad
         if group["weight_decay"]:
-            g = g.add(p, alpha=group["weight_decay"])
+            g = g.add(p.detach(), alpha=group["weight_decay"])
         return g.to(dtype).contiguous()
 
     def _moving(self, group: dict[str, Any], st: dict[str, Any], observe: bool) -> bool:
@@ -485,17 +493,10 @@ class _Preconditioned(torch.optim.Optimizer):
         moving = self._moving(group, st, observe)
         cuda = self._cuda_for(p) if moving and not self._adam and c == 1.0 else None
         if cuda is not None and p.dtype == v.dtype and p.is_contiguous():
-            # One fused pass on the device. The gradients were checked before the step; with
-            # weight decay the sum g + wd p was not, so the kernel checks it then.
-            wd = bool(group["weight_decay"])
-            try:
-                with _on(p.device):
-                    cuda.rmsprop_diag_step(p.detach().view(-1), g, v, rate, b, group["eps"],
-                                           group["form"], check=wd)
-            except (ValueError, _core.NumericalError) as e:
-                gi = next(i for i, q in enumerate(self.param_groups) if q is group)
-                raise type(e)(f"{self._name(gi, group, p)}, its gradient plus weight decay: "
-                              f"{e}") from None
+            # One fused pass on the device; g (with weight decay) was checked before the step.
+            with _on(p.device):
+                cuda.rmsprop_diag_step(p.detach().view(-1), g, v, rate, b, group["eps"],
+                                       group["form"], check=False)
             return
         v.mul_(b).addcmul_(g, g, value=1.0 - b)
         v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
@@ -830,9 +831,11 @@ class _Preconditioned(torch.optim.Optimizer):
         lo: list[float] = []
         hi: list[float] = []
         for G in st["estimates"]:
-            ev = torch.linalg.eigvalsh(G.double()).clamp_(min=0.0) * c
-            lo += ev[:, 0].tolist()
-            hi += ev[:, -1].tolist()
+            per = max(1, _CHUNK_BYTES // (G.shape[1] * G.shape[1] * 8))
+            for i in range(0, G.shape[0], per):  # float64 copies of a chunk at a time
+                ev = torch.linalg.eigvalsh(G[i:i + per].double()).clamp_(min=0.0) * c
+                lo += ev[:, 0].tolist()
+                hi += ev[:, -1].tolist()
         return lo, hi
 
     def _inject_refresh_failures(self, param: torch.Tensor, block: int, attempts: int,
@@ -850,11 +853,15 @@ class _Preconditioned(torch.optim.Optimizer):
         """torch.optim's layout (``state`` keyed by parameter index, ``param_groups``), every
         value a tensor or a plain Python value, so that ``torch.save`` / ``torch.load``
         (``weights_only=True`` included) round-trip it; an engine is saved as its complete
-        state, so a fresh optimizer that loads it continues bit for bit."""
+        state, so a fresh optimizer that loads it continues bit for bit. The device engine's
+        estimates are copied to host memory (its other tensors stay on their device)."""
         base = super().state_dict()
         out = {}
         for k, st in base["state"].items():
-            e = {key: _cloned(val) for key, val in st.items() if key not in ("engine", "sig")}
+            # The device engine's estimates go to host memory: a GPU copy of the largest thing
+            # on the GPU could exhaust it, and the checkpoint loads anywhere.
+            e = {key: _cloned(val, torch.device("cpu") if key == "estimates" else None)
+                 for key, val in st.items() if key not in ("engine", "sig")}
             e["options"] = _plain_options(st["options"])
             if "engine" in st:
                 es = st["engine"].state_dict()
@@ -872,7 +879,12 @@ class _Preconditioned(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` of an optimizer of the same class over parameters of
-        the same shapes; the groups' options come from the saved dict. Tensors keep their
+        the same shapes; the groups' options come from the saved dict, except ``engine``:
+        where to compute is this optimizer's choice, and a block/full state saved by the other
+        engine is converted (host to device: the estimates G_b, summed from the saved
+        factorisation and gradient history in float64; device to host: each block refreshed
+        at its estimate by a float64 eigendecomposition, on the saved refresh schedule). A
+        converted state continues to rounding, an unconverted one bit for bit. Tensors keep their
         saved dtype (no cast to the parameter's, unlike torch.optim's default, so that float64
         estimates of float32 parameters survive).
 
@@ -895,7 +907,7 @@ class _Preconditioned(torch.optim.Optimizer):
                 raise ValueError(f"param group {gi} has {len(mine['params'])} parameters, the "
                                  f"state's {len(theirs['params'])}")
             g = {k: v for k, v in theirs.items() if k != "params"}
-            g.setdefault("engine", "auto")  # version 1: before the option
+            g["engine"] = mine["engine"]  # where to compute: this optimizer's choice
             g["dtype"] = _dtype_from(g["dtype"])
             g["params"] = mine["params"]
             self._validate(g, f"the state's param group {gi}")
@@ -916,13 +928,11 @@ class _Preconditioned(torch.optim.Optimizer):
 
     def _import(self, gi: int, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any],
                 k: Any) -> dict[str, Any]:
-        # A host engine's companion (Adam's exp_avg) lives on the host with it; the device
-        # engine's state and diag's on the parameter's device.
-        on_device = group["structure"] == "diag" or "estimates" in st
-        device = p.device if on_device else torch.device("cpu")
-        out = {key: _cloned(val, device) for key, val in st.items() if key != "engine"}
+        out = {key: _cloned(val, p.device if group["structure"] == "diag" else None)
+               for key, val in st.items() if key != "engine"}
         out["options"] = dict(out["options"])
-        out["options"].setdefault("engine", "auto")  # version 1: before the option
+        # Where it computes is this optimizer's choice (see load_state_dict), not the state's.
+        out["options"]["engine"] = group["engine"]
         out["options"]["dtype"] = _dtype_from(out["options"]["dtype"])
         out["sig"] = tuple(out["options"].get(k) for k in _BUILT)
         for key in _BUILT:
@@ -936,37 +946,44 @@ class _Preconditioned(torch.optim.Optimizer):
                 t = out.get(key)
                 if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.dtype != dt:
                     raise ValueError(f"parameter {k}'s {key} must be a {dt} tensor of {n} entries")
-        elif "estimates" in st:
-            self._import_device(gi, group, p, out, k, dt)
+            return out
+        sizes = ([sum(q.numel() for q in group["params"])] if group["structure"] == "full"
+                 else partition(p.numel(), group["block_size"]))
+        on_device = self._device_engine(gi, group, p)
+        if self._adam:
+            m = out.get("exp_avg")
+            if not isinstance(m, torch.Tensor) or m.shape != (sum(sizes),) or m.dtype != dt:
+                raise ValueError(f"parameter {k}'s exp_avg must be a {dt} tensor of "
+                                 f"{sum(sizes)} entries")
+            out["exp_avg"] = m.to(p.device if on_device else torch.device("cpu"))
+        if "estimates" in st:
+            stacks = self._saved_estimates(out, sizes, dt, k)
+            for key in _DEVICE_COUNTERS:
+                del out[key]
+            del out["estimates"]
         else:
-            if group["engine"] == "device":
-                raise ValueError(f"parameter {k}'s state was saved by the host engine; its "
-                                 f"group asks for engine='device' (load it with 'auto' or "
-                                 f"'host')")
             es = dict(st["engine"])
             es["data"] = es["data"].numpy()
             es["scalars"] = es["scalars"].numpy()
-            sizes = list(es.get("block_sizes", []))
-            engine = self._engine_for(group, sizes, dt, 0.0) if sizes else None
-            if engine is None:
-                raise ValueError(f"parameter {k}'s engine state has no block sizes")
-            engine.load_state_dict(es)
+            engine = self._engine_for(group, sizes, dt, 0.0)
+            engine.load_state_dict(es)  # checks the saved engine against these blocks
+            if not on_device:
+                out["engine"] = engine
+                return out
+            stacks = _estimate_stacks(es, sizes, engine.refresh_every, dt)
+        if on_device:
+            out["estimates"] = [G.to(p.device).contiguous() for G in stacks]
+            out.update({key: int(st.get(key, 0)) for key in _DEVICE_COUNTERS})
+        else:
+            engine = self._engine_for(group, sizes, dt, 0.0)
+            engine.load_state_dict(_engine_state(stacks, sizes, engine, out["steps"],
+                                                 out["beta_product"]))
             out["engine"] = engine
         return out
 
-    def _import_device(self, gi: int, group: dict[str, Any], p: torch.Tensor,
-                       out: dict[str, Any], k: Any, dt: torch.dtype) -> None:
-        """Checks a device engine's saved state against this optimizer's parameter."""
-        if group["engine"] == "host" or not self._device_engine(gi, group, p):
-            raise ValueError(f"parameter {k}'s state was saved by the device engine (estimates "
-                             f"on a GPU), which cannot continue here: its group's engine is "
-                             f"{group['engine']!r} and the parameter is on {p.device}"
-                             + ("" if self._cuda_for(p) is not None else
-                                " without a usable saddlescape.cuda"))
-        if group["structure"] == "full":
-            sizes = [sum(q.numel() for q in group["params"])]
-        else:
-            sizes = partition(p.numel(), group["block_size"])
+    def _saved_estimates(self, out: dict[str, Any], sizes: list[int], dt: torch.dtype,
+                         k: Any) -> list[torch.Tensor]:
+        """A device engine's saved estimates and counters, checked against the blocks."""
         want = [(n, b, b) for b, n in _runs(sizes)]
         stacks = out["estimates"]
         if (not isinstance(stacks, list) or [tuple(getattr(G, "shape", ())) for G in stacks] != want
@@ -977,11 +994,7 @@ class _Preconditioned(torch.optim.Optimizer):
         for key in _DEVICE_COUNTERS:
             if not isinstance(out.get(key), int) or out[key] < 0:
                 raise ValueError(f"parameter {k}'s {key} must be an integer >= 0")
-        if self._adam:
-            m = out.get("exp_avg")
-            if not isinstance(m, torch.Tensor) or m.shape != (sum(sizes),) or m.dtype != dt:
-                raise ValueError(f"parameter {k}'s exp_avg must be a {dt} tensor of "
-                                 f"{sum(sizes)} entries")
+        return stacks
 
 
 def _runs(sizes: list[int]) -> list[tuple[int, int]]:
@@ -996,6 +1009,56 @@ def _runs(sizes: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+# The host engine's saved layout (BlockEngine.state_dict, C++ block_engine::save): per block
+# S and V (n x n, column-major; S's lower triangle is the estimate at the last refresh), then the
+# gradient history H and its rotation U (refresh_every x n each); scalars per block gamma, the
+# history's weights (refresh_every), lambda (n) and the counters, since and k first.
+def _estimate_stacks(es: dict[str, Any], sizes: list[int], R: int,
+                     dt: torch.dtype) -> list[torch.Tensor]:
+    """The estimates G_b = gamma S_b + sum_i w_i h_i h_i^T (unscaled) of a host engine's
+    state, summed in float64 and rounded once, as the device engine's (n, B, B) stacks."""
+    data, scalars = np.asarray(es["data"], np.float64), np.asarray(es["scalars"], np.float64)
+    counters = (scalars.size - sum(1 + R + n for n in sizes)) // len(sizes)
+    Gs, at, sat = [], 0, 0
+    for n in sizes:
+        S = np.tril(data[at:at + n * n].reshape(n, n).T)
+        H = data[at + 2 * n * n:at + 2 * n * n + R * n].reshape(R, n)
+        gamma, w = scalars[sat], scalars[sat + 1:sat + 1 + R]
+        k = int(scalars[sat + 1 + R + n + 1])
+        G = gamma * (S + np.tril(S, -1).T) + (H[:k].T * w[:k]) @ H[:k]
+        Gs.append(G)
+        at += 2 * n * n + 2 * R * n
+        sat += 1 + R + n + counters
+    out, i = [], 0
+    for _, count in _runs(sizes):
+        out.append(torch.from_numpy(np.stack(Gs[i:i + count])).to(dt))
+        i += count
+    return out
+
+
+def _engine_state(stacks: list[torch.Tensor], sizes: list[int], engine: BlockEngine,
+                  updates: int, beta_product: float) -> dict[str, Any]:
+    """A host engine's state whose blocks were refreshed at the given estimates (eigh in
+    float64), on the refresh schedule of an engine that has made ``updates`` updates."""
+    R = engine.refresh_every
+    data, scalars = [], []
+    b = 0
+    for stack in stacks:
+        for G in stack.detach().cpu().double().numpy():
+            n = G.shape[0]
+            lam, V = np.linalg.eigh(G)
+            data += [G.ravel(order="F"), V.ravel(order="F"), np.zeros(2 * R * n)]
+            # since: block b acts as refreshed (b + updates) mod R updates ago, the stagger
+            scalars += [[1.0], np.zeros(R), np.maximum(lam, 0.0),
+                        [float((b + updates) % R)], np.zeros(9)]
+            b += 1
+    return {"version": 2, "kind": "BlockEngine", "block_sizes": sizes, "refresh_every": R,
+            "dtype": str(engine.dtype), "updates": int(updates),
+            "beta_product": float(beta_product) if updates else 1.0,
+            "data": np.concatenate(data).astype(engine.dtype),
+            "scalars": np.concatenate(scalars)}
+
+
 def _on(device: torch.device) -> Any:
     """Makes a CUDA parameter's device current (saddlescape.cuda works on the current one)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -1005,8 +1068,8 @@ def _cloned(val: Any, device: torch.device | None = None) -> Any:
     """A copy of a state entry (tensors, lists of tensors, plain values), tensors moved to
     ``device`` when given."""
     if isinstance(val, torch.Tensor):
-        val = val.detach().clone()
-        return val if device is None else val.to(device)
+        # straight to the device: a clone first would hold a second copy where it was
+        return val.detach().clone() if device is None else val.detach().to(device, copy=True)
     if isinstance(val, list):
         return [_cloned(v, device) for v in val]
     return copy.deepcopy(val)
