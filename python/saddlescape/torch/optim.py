@@ -889,7 +889,10 @@ class _Preconditioned(torch.optim.Optimizer):
         estimates of float32 parameters survive).
 
         Raises:
-            ValueError: naming what does not match; nothing has changed then.
+            ValueError: naming what does not match, or engine='device' for parameters not on a
+                GPU; nothing has changed then.
+            CUDAUnavailableError: engine='device' on a GPU that saddlescape.cuda cannot use
+                (the reason given); nothing has changed.
         """
         if not isinstance(state_dict, dict) or state_dict.get("kind") != type(self).__name__:
             raise ValueError(f"not a saddlescape.torch.{type(self).__name__} state_dict (its "
