@@ -24,8 +24,9 @@ from saddlescape.blocks import partition  # noqa: E402
 from saddlescape.torch import Adam, RMSProp  # noqa: E402
 
 from fake_cuda import FakeCuda  # noqa: E402
-from torch_support import (SHAPES, _assert_close, _flat, _gradients, _params,  # noqa: E402
-                           _reference, _run, _set_grads)
+from torch_support import (SHAPES, _assert_close, _cuda_against_cpu, _flat,  # noqa: E402
+                           _gradients, _params, _reference, _run, _run_inverse_sqrt,
+                           _set_grads)
 
 
 # Two backward-stable float64 routes to f(G_b) g differ by up to about u kappa, kappa the
@@ -418,19 +419,12 @@ def test_schedules_auto_beta_matches_numpy_level_on_the_device_engine():
     gs = _gradients(1, x0.size, 12, seed=39, rank=6, decades=1)
     opt = _on_fake(RMSProp(params, lr=0.1, beta="auto", C=0.5, eps=EPS, structure="block",
                            block_size=9, engine="device"))
-    # eta_t = eta0 / sqrt(t + 1), saddlescape's inverse_sqrt (t the step's index from 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / np.sqrt(t + 1.0))
-    got = []
-    for g in gs:
-        _set_grads(params, g)
-        opt.step()
-        sched.step()
-        got.append(_flat(params))
+    got = _run_inverse_sqrt(opt, params, gs)
     lr = schedules.inverse_sqrt(0.1)
     want = _reference(saddlescape.RMSProp(x0.size, lr, schedules.beta_from_lr_schedule(lr, 0.5),
                                           EPS, structure="block", block_sizes=_sizes(SHAPES, 9)),
                       x0, gs)
-    _assert_close(np.array(got), want, RTOL)
+    _assert_close(got, want, RTOL)
 
 
 # ----------------------------------------------------------------------------- on a GPU
@@ -449,31 +443,18 @@ needs_cuda = pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU and saddles
 @needs_cuda
 @pytest.mark.parametrize(("name", "make"), _AGAINST_HOST, ids=[r[0] for r in _AGAINST_HOST])
 def test_cuda_device_engine_equals_the_cpu_host_engine(name, make):
-    gs = _gradients(1, 26, 14, seed=40, rank=5, decades=1)
-    a = _params()
-    b = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
-    oa, ob = make(a, "host"), make(b, "auto")  # "auto" on CUDA: the device engine
-    for g in gs:
-        _set_grads(a, g)
-        oa.step()
-        for q, src in zip(b, a):
-            q.grad = src.grad.cuda()
-        ob.step()
-    _assert_close(np.concatenate([q.detach().cpu().reshape(-1).numpy() for q in b]), _flat(a),
-                  RTOL)
+    # "auto" on CUDA parameters is the device engine, on CPU ones the host engine
+    oa, ob, b = _cuda_against_cpu(lambda p: make(p, "auto"),
+                                  _gradients(1, 26, 14, seed=40, rank=5, decades=1), RTOL)
     assert all(G.is_cuda for st in ob.state.values() for G in st["estimates"])
+    assert all("engine" in st for st in oa.state.values())
     assert ob.statistics()["blocks"] == oa.statistics()["blocks"]
+    gs = _gradients(1, 26, 3, seed=45, rank=5, decades=1)
     # a checkpoint continues on a fresh optimizer (the same kernels on the same input)
     c = [torch.nn.Parameter(q.detach().clone()) for q in b]
     oc = make(c, "auto")
     oc.load_state_dict(ob.state_dict())
-    for g in gs[:3]:
-        for params, opt in ((b, ob), (c, oc)):
-            for q, x in zip(params, torch.from_numpy(g).split([p.numel() for p in params])):
-                q.grad = x.reshape(q.shape).cuda()
-            opt.step()
-    for q, r in zip(b, c):
-        torch.testing.assert_close(r, q, rtol=1e-14, atol=0.0)
+    _assert_close(_run(oc, c, gs), _run(ob, b, gs), 1e-14)
 
 
 @needs_cuda
@@ -485,13 +466,8 @@ def test_cuda_device_engine_float32_follows_the_float64_reference(form):
     gs = _gradients(1, x0.size, 12, seed=41, decades=1, rank=20).astype(np.float32)
     opt = RMSProp(params, lr=0.01, beta=0.9, eps=EPS, structure="block", form=form,
                   block_size=64, engine="device")
-    got = []
-    for g in gs:
-        for q, x in zip(params, torch.from_numpy(g).split([p.numel() for p in params])):
-            q.grad = x.reshape(q.shape).cuda()
-        opt.step()
-        got.append(_flat(params))
+    got = _run(opt, params, gs)
     want = _reference(saddlescape.RMSProp(x0.size, 0.01, 0.9, EPS, structure="block", form=form,
                                           block_sizes=_sizes(shapes, 64)), x0,
                       gs.astype(np.float64))
-    _assert_close(np.array(got), want, 2e-5)
+    _assert_close(got, want, 2e-5)

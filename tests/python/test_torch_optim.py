@@ -21,8 +21,9 @@ from saddlescape import schedules  # noqa: E402
 from saddlescape.blocks import partition  # noqa: E402
 from saddlescape.torch import Adam, RMSProp, SaddleEscape  # noqa: E402
 
-from torch_support import (SHAPES, _assert_close, _flat, _gradients, _params,  # noqa: E402
-                           _reference, _run, _set_grads)
+from torch_support import (SHAPES, _assert_close, _cuda_against_cpu, _flat,  # noqa: E402
+                           _gradients, _params, _reference, _run, _run_inverse_sqrt,
+                           _set_grads)
 
 
 # ----------------------------------------------------------------------------- equality
@@ -176,17 +177,11 @@ def test_beta_auto_follows_the_scheduler():
     x0 = _flat(params)
     gs = _gradients(1, x0.size, 25, seed=10)
     opt = RMSProp(params, lr=0.05, beta="auto", C=0.5, eps=1e-6, structure="diag")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / math.sqrt(t + 1))
-    got = []
-    for g in gs:
-        _set_grads(params, g)
-        opt.step()
-        sched.step()
-        got.append(_flat(params))
+    got = _run_inverse_sqrt(opt, params, gs)
     lr = schedules.inverse_sqrt(0.05)
     ref = saddlescape.RMSProp(x0.size, lr, schedules.beta_from_lr_schedule(lr, 0.5), 1e-6,
                               structure="diag")
-    _assert_close(np.array(got), _reference(ref, x0, gs), 1e-12)
+    _assert_close(got, _reference(ref, x0, gs), 1e-12)
 
 
 @pytest.mark.parametrize("make", [
@@ -538,23 +533,6 @@ def test_saddle_escape_needs_a_closure_to_hallucinate():
     assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64)) and not opt.state
     with pytest.raises(ValueError, match="RMSProp or Adam"):
         SaddleEscape(torch.optim.SGD([p], lr=0.1), r=0.1, t_thresh=2)
-
-
-def _cuda_against_cpu(make, gs, rtol):
-    """The same gradients through make(CPU parameters) and make(their CUDA copies); returns
-    both optimizers and the CUDA parameters after checking they agree to rtol."""
-    a = _params()
-    b = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
-    oa, ob = make(a), make(b)
-    for g in gs:
-        _set_grads(a, g)
-        oa.step()
-        for q, src in zip(b, a):
-            q.grad = src.grad.cuda()
-        ob.step()
-    _assert_close(np.concatenate([q.detach().cpu().reshape(-1).numpy() for q in b]), _flat(a),
-                  rtol)
-    return oa, ob, b
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

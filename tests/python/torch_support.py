@@ -31,7 +31,8 @@ def _set_grads(params, flat):
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = torch.from_numpy(np.ascontiguousarray(flat[offset:offset + n])).reshape(p.shape).to(p.dtype)
+        g = torch.from_numpy(np.ascontiguousarray(flat[offset:offset + n])).reshape(p.shape)
+        p.grad = g.to(device=p.device, dtype=p.dtype)
         offset += n
 
 
@@ -60,3 +61,32 @@ def _reference(numpy_opt, x0, gs):
 def _assert_close(got, want, rtol):
     scale = np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+def _run_inverse_sqrt(opt, params, gs):
+    """_run under LambdaLR's lr_t = lr_0 / sqrt(t + 1): saddlescape's inverse_sqrt schedule."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / np.sqrt(t + 1.0))
+    out = []
+    for g in gs:
+        _set_grads(params, g)
+        opt.step()
+        sched.step()
+        out.append(_flat(params))
+    return np.array(out)
+
+
+def _cuda_against_cpu(make, gs, rtol):
+    """The same gradients through make(CPU parameters) and make(their CUDA copies); returns
+    both optimizers and the CUDA parameters after checking they agree to rtol."""
+    a = _params()
+    b = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+    oa, ob = make(a), make(b)
+    for g in gs:
+        _set_grads(a, g)
+        oa.step()
+        for q, src in zip(b, a):
+            q.grad = src.grad.cuda()
+        ob.step()
+    _assert_close(np.concatenate([q.detach().cpu().reshape(-1).numpy() for q in b]), _flat(a),
+                  rtol)
+    return oa, ob, b
