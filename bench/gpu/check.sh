@@ -6,14 +6,17 @@
 #   2. runs tests/gpu and the CUDA tests of saddlescape.torch in tests/python (and, with
 #      CPP_SMOKE=1, the C++ smoke test),
 #   3. trains the MLP with saddlescape.torch on the GPU against the CPU (bench/gpu/torch_check.py),
-#      and with ShardedRMSProp on NCCL, one process per GPU (bench/gpu/dist_check.py),
+#      times the optimizers' steps against torch.optim's on the GPU (bench/python/bench_torch.py
+#      --device cuda), and trains with ShardedRMSProp on NCCL, one process per GPU
+#      (bench/gpu/dist_check.py),
 #   4. times batched inverse roots, the diagonal step and the many-seed runner
 #      (bench/gpu/bench_gpu.py), printing a short table last.
 # The build needs scipy-openblas32 and cmeel-eigen, which that image lacks: run
 # bench/gpu/fetch_wheels.sh first where there is network, and carry .whl/.
 # Usage: bash bench/gpu/check.sh   (writes logs and results to $OUT, or /tmp/saddlescape-gpu)
 # DRY_RUN=1 goes on without a GPU, to check the script itself on a CPU-only machine.
-# Budget: about 5 minutes on an H200 (build ~1-2 min, tests < 1 min, benchmarks <= ~3 min: the
+# Budget: about 7 minutes on an H200 (build ~1-2 min, tests < 1 min, training and
+# bench_torch ~2 min, benchmarks <= ~3 min: the
 # inverse-root routes still untimed after 200 s are skipped and say so).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -79,6 +82,13 @@ stamp "saddlescape.torch on the GPU against the CPU"
 # The diagonal optimizers train the MLP on CUDA tensors and on CPU tensors from one start.
 if [[ "${DRY_RUN:-0}" == 1 ]]; then dev=cpu; else dev=cuda; fi
 timeout 180 "$python" bench/gpu/torch_check.py --device "$dev" 2>&1 | tee "$out/torch_check.log"
+
+stamp "bench_torch.py on the GPU: each optimizer's step against torch.optim's, same model"
+# Both models; the block route with the device engine and with the host engine.
+if [[ "${DRY_RUN:-0}" == 1 ]]; then bargs="--quick"; else bargs="--rounds 5"; fi
+# shellcheck disable=SC2086
+timeout 240 "$python" bench/python/bench_torch.py --device "$dev" $bargs 2>&1 \
+  | tee "$out/bench_torch.log" | grep -v "^$" | tail -32
 
 stamp "ShardedRMSProp on CUDA parameters with NCCL against the single-process CPU optimizer"
 # One process per GPU (world size 1 on a single GPU still runs NCCL and the host-staged engine).

@@ -1,6 +1,7 @@
 """Benchmark saddlescape.torch's optimizers against torch.optim on the same models, in one run.
 
-Models (float32, CPU):
+Models (float32; on the CPU, or with ``--device cuda`` on the GPU, where the block route is timed
+with both engines, ``engine="device"`` and ``"host"``):
 
 * ``mlp``: the 64-256-256-10 MLP of the block issue, 85,002 parameters in 6 tensors, batch 128;
 * ``large``: ten 1000 x 1000 linear layers with biases (10,010,000 parameters, 20 tensors),
@@ -21,6 +22,7 @@ routes; medians over rounds.
     python bench/python/bench_torch.py                 # both models, 7 rounds (~2 minutes)
     python bench/python/bench_torch.py --only mlp --rounds 11
     python bench/python/bench_torch.py --quick         # a few seconds
+    python bench/python/bench_torch.py --device cuda   # on a GPU (bench/gpu/check.sh)
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def large() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(32, 1000), torch.randint(0, 1000, (32,))
 
 
-def routes(model: torch.nn.Module, block: bool) -> dict[str, torch.optim.Optimizer]:
+def routes(model: torch.nn.Module, block: bool, cuda: bool) -> dict[str, torch.optim.Optimizer]:
     p = list(model.parameters())
     lr = 1e-5
     out = {
@@ -71,7 +73,12 @@ def routes(model: torch.nn.Module, block: bool) -> dict[str, torch.optim.Optimiz
         "saddlescape RMSProp diag adam": st.RMSProp(p, lr=lr, structure="diag", form="adam"),
         "saddlescape Adam diag": st.Adam(p, lr=lr),
     }
-    if block:
+    if block and cuda:  # both engines: estimates on the GPU, or on the host (staged)
+        for engine in ("device", "host"):
+            out[f"saddlescape RMSProp block B=256 ({engine} engine)"] = st.RMSProp(
+                p, lr=lr, structure="block", block_size=256, refresh_every=16,
+                dtype=torch.float32, engine=engine)
+    elif block:
         out["saddlescape RMSProp block B=256"] = st.RMSProp(
             p, lr=lr, structure="block", block_size=256, refresh_every=16, dtype=torch.float32)
     return out
@@ -87,8 +94,8 @@ def block_steps(model, x, y, opts, slow, warmup: int):
     gen = torch.Generator().manual_seed(1)
     for _ in range(warmup + 64):
         model.zero_grad(set_to_none=False)
-        xb = torch.randn(x.shape, generator=gen)
-        yb = torch.randint(0, 10, y.shape, generator=gen)
+        xb = torch.randn(x.shape, generator=gen).to(x.device)
+        yb = torch.randint(0, 10, y.shape, generator=gen).to(y.device)
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
         pool.append([p.grad.clone() for p in params])
     calls = {k: 0 for k in slow}
@@ -110,24 +117,42 @@ def block_steps(model, x, y, opts, slow, warmup: int):
     return out
 
 
-def bench(name: str, make, rounds: int, target_s: float, block: bool, warmup: int = 320) -> None:
+def synced(fns: dict, cuda: bool) -> dict:
+    """On a GPU each timed call ends with a synchronisation, so that it counts the kernels it
+    queued (the same small cost for every route)."""
+    if not cuda:
+        return fns
+
+    def wrap(f):
+        def call():
+            f()
+            torch.cuda.synchronize()
+        return call
+    return {k: wrap(f) for k, f in fns.items()}
+
+
+def bench(name: str, make, rounds: int, target_s: float, block: bool, device: str,
+          warmup: int = 320) -> None:
     model, x, y = make()
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    cuda = x.is_cuda
     n = sum(q.numel() for q in model.parameters())
     print(f"\n## {name}: {n:,} parameters in {len(list(model.parameters()))} tensors "
-          f"(float32), batch {x.shape[0]}")
+          f"(float32), batch {x.shape[0]}, on {device}")
 
     def fwd_bwd() -> None:
         model.zero_grad(set_to_none=False)
         torch.nn.functional.cross_entropy(model(x), y).backward()
 
     fwd_bwd()
-    opts = routes(model, block)
+    opts = routes(model, block, cuda)
     steps = {k: o.step for k, o in opts.items()}
     slow = {k: v for k, v in steps.items() if "block" in k}
     fast = {k: v for k, v in steps.items() if "block" not in k}
-    times = benchutil.compare({**fast, "forward + backward": fwd_bwd}, rounds, target_s)
+    times = benchutil.compare(synced({**fast, "forward + backward": fwd_bwd}, cuda), rounds,
+                              target_s)
     if slow:  # ~50 ms a step: fewer calls per round, the same rounds
-        times.update(benchutil.compare(block_steps(model, x, y, opts, slow, warmup),
+        times.update(benchutil.compare(synced(block_steps(model, x, y, opts, slow, warmup), cuda),
                                        rounds, max(target_s, 0.5)))
     base_name = min(("torch RMSprop (for-loop)", "torch RMSprop (foreach)"), key=times.get)
     base = times[base_name]
@@ -143,7 +168,11 @@ def main() -> None:
     ap.add_argument("--only", default="mlp,large")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     a = ap.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_torch.py --device cuda: torch finds no CUDA device")
+        raise SystemExit(1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); python "
           f"{platform.python_version()}; OPENBLAS_NUM_THREADS="
@@ -152,7 +181,7 @@ def main() -> None:
     cases = {"mlp": (mlp, True), "large": (large, False)}
     for name in a.only.split(","):
         make, block = cases[name]
-        bench(name, make, rounds, target, block and not a.quick)
+        bench(name, make, rounds, target, block and not a.quick, a.device)
 
 
 if __name__ == "__main__":
