@@ -606,3 +606,22 @@ def test_a_version_1_state_without_the_engine_option_still_loads():
     ob.load_state_dict(old)
     assert ob.param_groups[0]["engine"] == "auto"
     np.testing.assert_array_equal(_run(ob, b, gs[4:]), _run(oa, a, gs[4:]))
+
+
+@pytest.mark.parametrize("structure", ["block", "full"])
+def test_a_gradient_too_large_for_the_block_engine_is_refused_before_any_step(structure):
+    # The host engine keeps a margin for sums over a block (4 B c g^2 <= max); a float32
+    # gradient of 1e19 passes (1 - beta) g^2 <= max but not that. It used to be refused by the
+    # engine of its own parameter, after the parameters before it had stepped.
+    params = _params(dtype=torch.float32)
+    opt = RMSProp(params, lr=0.01, structure=structure, block_size=5)
+    _set_grads(params, _gradients(1, 26, 1)[0])
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    _set_grads(params, _gradients(1, 26, 1, seed=2)[0])
+    params[3].grad[0, 0] = 1e19
+    with pytest.raises(ValueError, match=r"parameter 3 .*e\+18 whose square overflows in the "
+                                         r"block engine's bound 4 B c g\^2 \(B = (5|26), c = 1\)"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(st["steps"] == 1 for st in opt.state.values())

@@ -149,17 +149,18 @@ def _nonneg(name: str, value: Any) -> float:
     return v
 
 
-def _grad_check(name: str, g: torch.Tensor, a: float, dtype: torch.dtype) -> None:
-    """g finite and (1 - beta) g^2 finite in the estimate's dtype, else a ValueError naming the
-    parameter."""
+def _grad_check(name: str, g: torch.Tensor, a: float, dtype: torch.dtype,
+                bound: str = "") -> None:
+    """g finite and a g^2 finite in the estimate's dtype, else a ValueError naming the
+    parameter (``bound`` says where a comes from, when it is not (1 - beta))."""
     top = float(g.abs().max()) if g.numel() else 0.0
     if not math.isfinite(top):
         bad = (~torch.isfinite(g)).nonzero()[0].tolist()
         raise ValueError(f"the gradient of {name} has a non-finite entry {g[tuple(bad)].item()!r} "
                          f"at index {tuple(bad)}; nothing was changed")
     if not a * top * top <= torch.finfo(dtype).max:
-        raise ValueError(f"the gradient of {name} has an entry {top!r} whose square overflows; "
-                         f"nothing was changed")
+        raise ValueError(f"the gradient of {name} has an entry {top!r} whose square overflows"
+                         f"{bound}; nothing was changed")
 
 
 class _Preconditioned(torch.optim.Optimizer):
@@ -314,9 +315,9 @@ class _Preconditioned(torch.optim.Optimizer):
                 # for a parameter after the first would otherwise fail halfway through). The
                 # GPU kernels square g before weighting it, so there the bound is g^2 itself.
                 g = p.grad.detach().add(p.detach(), alpha=wd) if wd else p.grad
-                a = 1.0 if self._cuda_for(p) is not None else 1.0 - betas[-1]
+                a, bound = self._square_bound(gi, group, p, betas)
                 name = self._name(gi, group, p) + (f" plus weight decay {wd!r}" if wd else "")
-                _grad_check(name, g, a, self._estimate_dtype(group, p))
+                _grad_check(name, g, a, self._estimate_dtype(group, p), bound)
         for gi, group, params, rate, betas, native in work:
             if group["structure"] == "diag":
                 self._diag(gi, group, params, rate, betas, observe, native)
@@ -341,6 +342,27 @@ class _Preconditioned(torch.optim.Optimizer):
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{key} ({where}) must be finite and > 0, got {v!r}")
         group["weight_decay"] = _nonneg(f"weight_decay ({where})", group["weight_decay"])
+
+    def _square_bound(self, gi: int, group: dict[str, Any], p: torch.Tensor,
+                      betas: tuple[float, ...]) -> tuple[float, str]:
+        """(a, why) of the bound a g^2 <= max that p's step needs, checked for every parameter
+        before any steps: the GPU kernels form g^2 itself (a = 1); the host block engine keeps
+        a margin for sums over a block, 4 B c g^2 (B its largest block, c the bias
+        correction), and would refuse g only once earlier parameters had stepped; the other
+        routes weigh g^2 by 1 - beta first."""
+        if self._cuda_for(p) is not None:
+            return 1.0, ""
+        if group["structure"] == "diag":
+            return 1.0 - betas[-1], ""
+        head = p if group["structure"] == "block" else group["params"][0]
+        st = self.state.get(head)
+        if (st and "estimates" in st) or (not st and self._device_engine(gi, group, head)):
+            return 1.0, ""
+        n = (min(p.numel(), group["block_size"]) if group["structure"] == "block"
+             else sum(q.numel() for q in group["params"]))
+        product = (st["beta_product"] if st else 1.0) * betas[-1]
+        c = 1.0 / (1.0 - product) if (self._adam or group["bias_correction"]) else 1.0
+        return 4.0 * n * c, f" in the block engine's bound 4 B c g^2 (B = {n}, c = {c:.3g})"
 
     def _native_diag(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
         """Whether the C++ kernel steps these parameters in one call (CPU, contiguous, the
