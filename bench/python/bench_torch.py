@@ -74,7 +74,12 @@ def routes(model: torch.nn.Module, block: bool, cuda: bool) -> dict[str, torch.o
         "saddlescape Adam diag": st.Adam(p, lr=lr),
     }
     if block and cuda:  # both engines: estimates on the GPU, or on the host (staged)
-        for engine in ("device", "host"):
+        from saddlescape import cuda as sc
+
+        engines = ("device", "host") if sc.is_available() else ("host",)
+        if not sc.is_available():
+            print(f"(the device engine is skipped: {sc.unavailable_reason()})")
+        for engine in engines:
             out[f"saddlescape RMSProp block B=256 ({engine} engine)"] = st.RMSProp(
                 p, lr=lr, structure="block", block_size=256, refresh_every=16,
                 dtype=torch.float32, engine=engine)

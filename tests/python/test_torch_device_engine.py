@@ -305,6 +305,40 @@ def test_gradients_whose_square_overflows_on_the_device_are_refused_first(struct
         RMSProp(params, beta=0.999, structure="diag").step()  # the host's arithmetic: it fits
 
 
+def test_host_engine_on_gpu_parameters_keeps_the_host_bound():
+    # engine="host" on parameters the device module could step: the gradient still goes to
+    # the host block engine, so its 4 B c g^2 margin is what is checked before any step.
+    params = _params(dtype=torch.float32)
+    opt = _on_fake(RMSProp(params, structure="block", block_size=5, engine="host"))
+    _set_grads(params, _gradients(1, 26, 1)[0])
+    params[3].grad.fill_(5e18)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"parameter 3 .* block engine's bound 4 B c g\^2"):
+        opt.step()
+    assert not opt.state and all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_converted_estimates_are_symmetric_and_reload():
+    # A host engine's state with a pending history (block 13, 6 of 16 updates since the
+    # refresh) summed into estimates: exactly symmetric, so the device engine keeps them so
+    # and its own checkpoint loads again.
+    gs = _gradients(1, 26, 10, seed=46, decades=1)
+    h = _params()
+    host = RMSProp(h, lr=0.01, eps=EPS, structure="block", block_size=13)
+    _run(host, h, gs[:6])
+    d = [torch.nn.Parameter(p.detach().clone()) for p in h]
+    dev = _on_fake(RMSProp(d, lr=0.01, eps=EPS, structure="block", block_size=13))
+    dev.load_state_dict(host.state_dict())
+    _run(dev, d, gs[6:8])
+    assert all(torch.equal(G, G.mT) for st in dev.state.values() for G in st["estimates"])
+    again = _on_fake(RMSProp([torch.nn.Parameter(p.detach().clone()) for p in d], lr=0.01,
+                             eps=EPS, structure="block", block_size=13))
+    again.load_state_dict(dev.state_dict())
+    back = RMSProp([torch.nn.Parameter(p.detach().clone()) for p in d], lr=0.01, eps=EPS,
+                   structure="block", block_size=13)
+    back.load_state_dict(dev.state_dict())  # and to the host engine again
+
+
 def test_engine_does_not_concern_diag():
     params = _params()
     opt = RMSProp(params, structure="diag", engine="device")  # CPU parameters, no GPU: fine

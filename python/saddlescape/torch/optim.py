@@ -93,6 +93,7 @@ import torch
 
 from saddlescape import _core
 from saddlescape._validation import choice, integer, real
+from saddlescape.blocks import STATE_VERSION as BLOCK_STATE_VERSION
 from saddlescape.blocks import BlockEngine, partition
 
 __all__ = ["Adam", "RMSProp", "SaddleEscape"]
@@ -158,7 +159,8 @@ def _grad_check(name: str, g: torch.Tensor, a: float, dtype: torch.dtype,
         bad = (~torch.isfinite(g)).nonzero()[0].tolist()
         raise ValueError(f"the gradient of {name} has a non-finite entry {g[tuple(bad)].item()!r} "
                          f"at index {tuple(bad)}; nothing was changed")
-    if not a * top * top <= torch.finfo(dtype).max:
+    seen = float(torch.tensor(top, dtype=dtype))  # as the step will see it: rounded to dtype
+    if not a * seen * seen <= torch.finfo(dtype).max:
         raise ValueError(f"the gradient of {name} has an entry {top!r} whose square overflows"
                          f"{bound}; nothing was changed")
 
@@ -350,10 +352,8 @@ class _Preconditioned(torch.optim.Optimizer):
         a margin for sums over a block, 4 B c g^2 (B its largest block, c the bias
         correction), and would refuse g only once earlier parameters had stepped; the other
         routes weigh g^2 by 1 - beta first."""
-        if self._cuda_for(p) is not None:
-            return 1.0, ""
         if group["structure"] == "diag":
-            return 1.0 - betas[-1], ""
+            return (1.0 if self._cuda_for(p) is not None else 1.0 - betas[-1]), ""
         head = p if group["structure"] == "block" else group["params"][0]
         st = self.state.get(head)
         if (st and "estimates" in st) or (not st and self._device_engine(gi, group, head)):
@@ -876,12 +876,13 @@ class _Preconditioned(torch.optim.Optimizer):
         value a tensor or a plain Python value, so that ``torch.save`` / ``torch.load``
         (``weights_only=True`` included) round-trip it; an engine is saved as its complete
         state, so a fresh optimizer that loads it continues bit for bit. The device engine's
-        estimates are copied to host memory (its other tensors stay on their device)."""
+        estimates are copied to host memory (its other tensors stay on their device: load
+        with ``torch.load(..., map_location="cpu")`` where there is no GPU)."""
         base = super().state_dict()
         out = {}
         for k, st in base["state"].items():
             # The device engine's estimates go to host memory: a GPU copy of the largest thing
-            # on the GPU could exhaust it, and the checkpoint loads anywhere.
+            # on the GPU could exhaust it, and they need no GPU to be loaded.
             e = {key: _cloned(val, torch.device("cpu") if key == "estimates" else None)
                  for key, val in st.items() if key not in ("engine", "sig")}
             e["options"] = _plain_options(st["options"])
@@ -988,8 +989,8 @@ class _Preconditioned(torch.optim.Optimizer):
             del out["estimates"]
         else:
             es = dict(st["engine"])
-            es["data"] = es["data"].numpy()
-            es["scalars"] = es["scalars"].numpy()
+            es["data"] = es["data"].cpu().numpy()  # torch.load(map_location="cuda") puts it there
+            es["scalars"] = es["scalars"].cpu().numpy()
             engine = self._engine_for(group, sizes, dt, 0.0)
             engine.load_state_dict(es)  # checks the saved engine against these blocks
             if not on_device:
@@ -1050,8 +1051,8 @@ def _estimate_stacks(es: dict[str, Any], sizes: list[int], R: int,
         H = data[at + 2 * n * n:at + 2 * n * n + R * n].reshape(R, n)
         gamma, w = scalars[sat], scalars[sat + 1:sat + 1 + R]
         k = int(scalars[sat + 1 + R + n + 1])
-        G = gamma * (S + np.tril(S, -1).T) + (H[:k].T * w[:k]) @ H[:k]
-        Gs.append(G)
+        L = np.tril(gamma * S + (H[:k].T * w[:k]) @ H[:k])
+        Gs.append(L + np.tril(L, -1).T)  # one triangle, mirrored: exactly symmetric
         at += 2 * n * n + 2 * R * n
         sat += 1 + R + n + counters
     out, i = [], 0
@@ -1072,12 +1073,15 @@ def _engine_state(stacks: list[torch.Tensor], sizes: list[int], engine: BlockEng
         for G in stack.detach().cpu().double().numpy():
             n = G.shape[0]
             lam, V = np.linalg.eigh(G)
-            data += [G.ravel(order="F"), V.ravel(order="F"), np.zeros(2 * R * n)]
+            # the engine's own refresh: eigenvalues within n u lambda_max of zero are zero
+            lam[lam <= n * np.finfo(engine.dtype).eps * max(lam.max(), 0.0)] = 0.0
+            data += [np.tril(G).ravel(order="F"), V.ravel(order="F"), np.zeros(2 * R * n)]
             # since: block b acts as refreshed (b + updates) mod R updates ago, the stagger
-            scalars += [[1.0], np.zeros(R), np.maximum(lam, 0.0),
+            scalars += [[1.0], np.zeros(R), lam,
                         [float((b + updates) % R)], np.zeros(9)]
             b += 1
-    return {"version": 2, "kind": "BlockEngine", "block_sizes": sizes, "refresh_every": R,
+    return {"version": BLOCK_STATE_VERSION, "kind": "BlockEngine", "block_sizes": sizes,
+            "refresh_every": R,
             "dtype": str(engine.dtype), "updates": int(updates),
             "beta_product": float(beta_product) if updates else 1.0,
             "data": np.concatenate(data).astype(engine.dtype),
