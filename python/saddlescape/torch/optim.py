@@ -65,8 +65,11 @@ TypeError naming them), on one device per optimizer. The estimate's dtype is ``d
 the parameter's); float32 and float64 parameters with estimates of their own dtype are read and
 updated in place without copies.
 
-Errors. A gradient with a NaN or Inf, or whose square would overflow, raises ValueError naming
-the parameter before anything has changed, in any group. A sparse gradient is a TypeError. A
+Errors. A gradient (with weight decay: g + wd p) with a NaN or Inf, or too large for the route
+that takes it (its square, weighted by 1 - beta on the CPU's elementwise routes, by 1 on the
+GPU's kernels, by 4 B c in the host block engine, B its largest block and c the bias
+correction), raises ValueError naming the parameter before anything has changed, in any
+group. A sparse gradient is a TypeError. A
 block whose refactorisations keep failing follows the fallback policy of
 :mod:`saddlescape.blocks` and finally raises :class:`saddlescape.NumericalError` naming the
 parameter and block; parameters earlier in that step have then taken their step, the failing
