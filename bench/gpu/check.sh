@@ -15,6 +15,8 @@
 # bench/gpu/fetch_wheels.sh first where there is network, and carry .whl/.
 # Usage: bash bench/gpu/check.sh   (writes logs and results to $OUT, or /tmp/saddlescape-gpu)
 # DRY_RUN=1 goes on without a GPU, to check the script itself on a CPU-only machine.
+# SKIP_BENCH=1 leaves out the two timing steps (bench_torch.py, bench_gpu.py): build, tests and
+# the training checks alone, about 4 minutes, for a first run that leaves time for a second.
 # Budget: about 7 minutes on an H200 (build ~1-2 min, tests < 1 min, training and
 # bench_torch ~2 min, benchmarks <= ~3 min: the
 # inverse-root routes still untimed after 200 s are skipped and say so).
@@ -83,12 +85,14 @@ stamp "saddlescape.torch on the GPU against the CPU"
 if [[ "${DRY_RUN:-0}" == 1 ]]; then dev=cpu; else dev=cuda; fi
 timeout 180 "$python" bench/gpu/torch_check.py --device "$dev" 2>&1 | tee "$out/torch_check.log"
 
-stamp "bench_torch.py on the GPU: each optimizer's step against torch.optim's, same model"
-# Both models; the block route with the device engine and with the host engine.
-if [[ "${DRY_RUN:-0}" == 1 ]]; then bargs="--quick"; else bargs="--rounds 5"; fi
-# shellcheck disable=SC2086
-timeout 240 "$python" bench/python/bench_torch.py --device "$dev" $bargs 2>&1 \
-  | tee "$out/bench_torch.log" | grep -v "^$" | tail -32
+if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
+  stamp "bench_torch.py on the GPU: each optimizer's step against torch.optim's, same model"
+  # Both models; the block route with the device engine and with the host engine.
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then bargs="--quick"; else bargs="--rounds 5"; fi
+  # shellcheck disable=SC2086
+  timeout 240 "$python" bench/python/bench_torch.py --device "$dev" $bargs 2>&1 \
+    | tee "$out/bench_torch.log" | grep -v "^$" | tail -32
+fi
 
 stamp "ShardedRMSProp on CUDA parameters with NCCL against the single-process CPU optimizer"
 # One process per GPU (world size 1 on a single GPU still runs NCCL and the host-staged engine).
@@ -99,6 +103,9 @@ OMP_NUM_THREADS=2 timeout 120 "$python" -m torch.distributed.run --standalone \
   --nproc_per_node="$ngpu" bench/gpu/dist_check.py $dargs 2>&1 | grep -v "UserWarning\|^  " \
   | tee "$out/dist_check.log" | tail -5
 
-stamp "benchmarks"
-timeout 270 "$python" bench/gpu/bench_gpu.py --budget 200 --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
+  stamp "benchmarks"
+  timeout 270 "$python" bench/gpu/bench_gpu.py --budget 200 --out "$out/bench.json" 2>&1 \
+    | tee "$out/bench.log"
+fi
 stamp "done"
