@@ -109,7 +109,8 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # Options that shape a parameter's state: fixed once the state exists.
 _BUILT = ("structure", "form", "block_size", "refresh_every", "solver", "dtype", "tol",
           "max_consecutive_failures", "fallback_eps", "bias_correction", "engine")
-# 2: the engine option and the device engine's estimates; version 1 states load as "auto".
+# 2: the engine option and the device engine's estimates (version 1 states load, with the
+# loading optimizer's engine).
 _STATE_VERSION = 2
 _LOADABLE_STATES = (1, 2)
 _BELOW_ONE = math.nextafter(1.0, 0.0)
