@@ -271,9 +271,10 @@ bool jacobi(double* M, index_t n, T* V, double thresh, int max_sweeps, double mi
 // a cold refactorisation per refresh.
 constexpr std::int64_t range_period = 16;
 
-// The largest rank m for which the range refresh beats a cold syevd of n x n: about 0.6 n in
-// float32 and 0.75 n in float64 at n = 64 to 512, measured with a build that took it at every
-// m (its O(n^2 m) products run in double, against a float32 syevd in the float32 engine);
+// The largest rank m for which the range refresh is taken: 0.6 n in float32 and 0.7 n in
+// float64, below where it stops beating a cold syevd of n x n (between 0.625 and 0.75 n in
+// float32, 0.75 and 0.875 n in float64, at n = 64 to 512), measured with a build that took it at
+// every m (its O(n^2 m) products run in double, against a float32 syevd in the float32 engine);
 // bench/python/bench_blocks.py --only range times it up to these thresholds.
 template <class T>
 index_t range_max_m(index_t n) {
@@ -373,9 +374,9 @@ bool range_refresh(const T* V, const double* lambda, const T* S, index_t n, cons
   double* M = w.M.data();
   detail::lapack::gemm('T', 'N', mi, mi, ni, 1.0, Z, ni, w.X2.data(), ni, 0.0, M, mi);
   fit(w.lam, m);
-  fit(w.work, 1 + 6 * m + 2 * m * m);
-  if (w.iwork.size() < static_cast<std::size_t>(3 + 5 * m))
-    w.iwork.resize(static_cast<std::size_t>(3 + 5 * m));
+  fit(w.work, static_cast<std::size_t>(detail::lapack::syevd_lwork(mi)));
+  if (w.iwork.size() < static_cast<std::size_t>(detail::lapack::syevd_liwork(mi)))
+    w.iwork.resize(static_cast<std::size_t>(detail::lapack::syevd_liwork(mi)));
   // The sizes for this m, not the buffers' (see detail::lapack::syevd_lwork).
   const int info = detail::lapack::syevd('V', mi, M, w.lam.data(), w.work.data(),
                                          detail::lapack::syevd_lwork(mi), w.iwork.data(),
@@ -566,7 +567,12 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
       };
       // Q = the rows since the refresh in V's basis, V^T [sqrt(w_i) h_i] (n x rows, double):
       // V^T S_new V = decay gamma Lambda + Q Q^T, what both refreshes from V start with.
+      // Q's rows in V's basis, formed once per refresh (the range refresh and the Jacobi warm
+      // start both read them, and neither changes V, U or the gradients).
+      bool have_rows = false;
       auto rotated_rows = [&] {
+        if (have_rows) return;
+        have_rows = true;
         fit(sc.Q, static_cast<std::size_t>(rows) * nn);
         for (index_t i = 0; i < blk.k; ++i) {
           const double r = std::sqrt(decay * blk.w[i]);
@@ -632,8 +638,8 @@ void block_engine<T>::run(const T* gs, index_t kin, const T* v, T* out, bool com
           info = -1000;  // what the hook reports
         } else {
           std::copy(jb.S.begin(), jb.S.begin() + nn * nn, jb.V.begin());
-          fit(sc.work, 1 + 6 * nn + 2 * nn * nn);
-          fit(sc.iwork, 3 + 5 * nn);
+          fit(sc.work, static_cast<std::size_t>(detail::lapack::syevd_lwork(ni)));
+          fit(sc.iwork, static_cast<std::size_t>(detail::lapack::syevd_liwork(ni)));
           std::vector<T> lam(nn);
           info = detail::lapack::syevd('V', ni, jb.V.data(), lam.data(), sc.work.data(),
                                        detail::lapack::syevd_lwork(ni), sc.iwork.data(),

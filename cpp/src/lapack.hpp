@@ -209,8 +209,8 @@ template <class T>
 int syevd_in_double(const T* S, int n, double scale, double shift, std::vector<double>& M,
                     double* lambda, std::vector<double>& work, std::vector<int>& iwork) {
   const auto nn = static_cast<std::size_t>(n) * static_cast<std::size_t>(n);
-  const std::size_t lwork = 1 + 6 * static_cast<std::size_t>(n) + 2 * nn;
-  const std::size_t liwork = 3 + 5 * static_cast<std::size_t>(n);
+  const auto lwork = static_cast<std::size_t>(syevd_lwork(n));
+  const auto liwork = static_cast<std::size_t>(syevd_liwork(n));
   if (M.size() < nn) M.resize(nn);
   if (work.size() < lwork) work.resize(lwork);
   if (iwork.size() < liwork) iwork.resize(liwork);

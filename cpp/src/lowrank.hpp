@@ -394,14 +394,11 @@ inline bool lowrank_stable(const double* D, index_t d, const double* Q, index_t 
 inline void lowrank_apply(const double* D, index_t d, const double* Q, index_t k, const double* y,
                           root_form form, double eps, double tol, double null_floor, double* z,
                           lowrank_workspace& w) {
-  index_t p = 0;
-  if (form == root_form::adam && k > 0)
-    for (index_t j = 0; j < d; ++j) p += D[j] == 0.0 ? 1 : 0;
-  if (p == 0) {
+  if (form != root_form::adam || k == 0 || std::find(D, D + d, 0.0) == D + d) {
     lowrank_core(D, d, Q, k, y, form, eps, tol, z, w);
     return;
   }
-  lowrank_split(D, d, Q, k, w);
+  const index_t p = lowrank_split(D, d, Q, k, w);
   const index_t r = d - p;
   index_t kp = std::min(k, p);
   lowrank_workspace::fit(w.yr, std::size_t(r));
