@@ -300,18 +300,18 @@ class _Preconditioned(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and st["sig"] != sig:
                     self._check_built(gi, group, st)
-                if not st and group["structure"] != "diag" and (
-                        group["structure"] == "block" or p is params[0]):
-                    self._device_engine(gi, group, p)  # refuses an unusable engine="device" now
             if group["structure"] == "full" and len(params) != len(group["params"]):
                 missing = next(i for i, p in enumerate(group["params"]) if p.grad is None)
                 raise ValueError(f"param group {gi}: structure 'full' couples all of a group's "
                                  f"parameters, but parameter {missing} has no gradient")
             native = group["structure"] == "diag" and self._native_diag(group, params)
             work.append((gi, group, params, rate, self._betas(group), native))
-        # Everything that can be refused is refused before anything changes, in every group:
-        # a native diagonal call checks all its tensors before writing, so the first unit of
-        # work needs no check of its own when it is one.
+        # Everything that can be refused is refused before anything changes, in every group
+        # (an unusable engine="device" included, by _square_bound): a native diagonal call
+        # checks all its tensors before writing, so the first unit of work needs no check of
+        # its own when it is one. The weighted gradients checked here are the ones the step
+        # reads (_weighted), not formed twice.
+        checked: dict[int, torch.Tensor] = {}
         for n, (gi, group, params, rate, betas, native) in enumerate(work):
             if n == 0 and native:
                 continue
@@ -320,18 +320,24 @@ class _Preconditioned(torch.optim.Optimizer):
                 # What the step will read: with weight decay g + wd p (non-finite or too large
                 # for a parameter after the first would otherwise fail halfway through). The
                 # GPU kernels square g before weighting it, so there the bound is g^2 itself.
-                g = p.grad.detach().add(p.detach(), alpha=wd) if wd else p.grad
+                g = p.grad.detach()
+                if wd:
+                    g = checked[id(p)] = g.add(p.detach(), alpha=wd)
                 a, bound = self._square_bound(gi, group, p, betas)
                 name = self._name(gi, group, p) + (f" plus weight decay {wd!r}" if wd else "")
                 _grad_check(name, g, a, self._estimate_dtype(group, p), bound)
-        for gi, group, params, rate, betas, native in work:
-            if group["structure"] == "diag":
-                self._diag(gi, group, params, rate, betas, observe, native)
-            elif group["structure"] == "block":
-                for p in params:
-                    self._block(gi, group, p, rate, betas, observe)
-            else:
-                self._full(gi, group, params, rate, betas, observe)
+        self.__dict__["_checked_grads"] = checked  # for _weighted, during this call only
+        try:
+            for gi, group, params, rate, betas, native in work:
+                if group["structure"] == "diag":
+                    self._diag(gi, group, params, rate, betas, observe, native)
+                elif group["structure"] == "block":
+                    for p in params:
+                        self._block(gi, group, p, rate, betas, observe)
+                else:
+                    self._full(gi, group, params, rate, betas, observe)
+        finally:
+            del self.__dict__["_checked_grads"]
 
     def _step_options(self, group: dict[str, Any], gi: int) -> None:
         """The options a step reads (a scheduler or the user may have changed them)."""
@@ -415,9 +421,11 @@ class _Preconditioned(torch.optim.Optimizer):
     def _weighted(self, group: dict[str, Any], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The gradient with weight decay, in the estimate's dtype (p.grad itself when no
         change is needed: no copy)."""
-        g = p.grad.detach()  # backward(create_graph=True) leaves a grad that requires grad
-        if group["weight_decay"]:
-            g = g.add(p.detach(), alpha=group["weight_decay"])
+        g = self.__dict__.get("_checked_grads", {}).get(id(p))
+        if g is None:
+            g = p.grad.detach()  # backward(create_graph=True) leaves a grad that requires grad
+            if group["weight_decay"]:
+                g = g.add(p.detach(), alpha=group["weight_decay"])
         return g.to(dtype).contiguous()
 
     def _moving(self, group: dict[str, Any], st: dict[str, Any], observe: bool) -> bool:
@@ -749,8 +757,8 @@ class _Preconditioned(torch.optim.Optimizer):
                     continue
             if out is None:
                 raise _core.NumericalError(
-                    f"{self._names(gi, group, params)}: the eigendecomposition of a block of size {G.shape[-1]} failed "
-                    f"({first}), also in float64"
+                    f"{self._names(gi, group, params)}: the eigendecomposition of a block of "
+                    f"size {G.shape[-1]} failed ({first}), also in float64"
                     + (" and with fallback_eps" if len(tries) > 1 else "")
                     + "; nothing was changed") from first
         return out * math.sqrt(s) if s != 1.0 else out
@@ -1006,8 +1014,8 @@ class _Preconditioned(torch.optim.Optimizer):
             out.update({key: int(st.get(key, 0)) for key in _DEVICE_COUNTERS})
         else:
             engine = self._engine_for(group, sizes, dt, 0.0)
-            engine.load_state_dict(_engine_state(stacks, sizes, engine, out["steps"],
-                                                 out["beta_product"]))
+            engine.load_state_dict(_refreshed_engine_state(stacks, sizes, engine, out["steps"],
+                                                           out["beta_product"]))
             out["engine"] = engine
         return out
 
@@ -1066,7 +1074,7 @@ def _estimate_stacks(es: dict[str, Any], sizes: list[int], R: int,
     return out
 
 
-def _engine_state(stacks: list[torch.Tensor], sizes: list[int], engine: BlockEngine,
+def _refreshed_engine_state(stacks: list[torch.Tensor], sizes: list[int], engine: BlockEngine,
                   updates: int, beta_product: float) -> dict[str, Any]:
     """A host engine's state whose blocks were refreshed at the given estimates (eigh in
     float64), on the refresh schedule of an engine that has made ``updates`` updates."""
